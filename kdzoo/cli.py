@@ -1,0 +1,133 @@
+"""Command line: ``kdzoo train | eval | demo | list``. Bad input exits with code 2 and one paragraph."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kdzoo.errors import UserInputError
+
+EXIT_USER_ERROR = 2
+
+
+def _configs_root() -> Path:
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from kdzoo.config.loader import load_config
+    from kdzoo.engine.run import run_training
+
+    overrides = list(args.overrides)
+    resume = args.resume
+    # `resume=auto` may also be given as an override (torchrun restarts use the same arguments).
+    for item in list(overrides):
+        if item.startswith("resume="):
+            resume = item.split("=", 1)[1]
+            overrides.remove(item)
+    cfg = load_config(args.config, overrides)
+    summary = run_training(cfg, resume=resume)
+    print(f"run directory: {summary['run_dir']}")
+    if summary["last_top1"] is not None:
+        print(f"top-1 last {summary['last_top1']:.2f}  best {summary['best_top1']:.2f} (epoch {summary['best_epoch']})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from kdzoo.config.loader import config_from_dict, deep_merge, parse_overrides
+    from kdzoo.data.datasets import build_data
+    from kdzoo.engine.runtime import resolve_device
+    from kdzoo.engine.setup import build_model, load_weights
+    from kdzoo.engine.trainer import evaluate
+
+    raw = deep_merge({"student": {"name": args.model}}, parse_overrides(args.overrides))
+    cfg = config_from_dict(raw)
+    device = resolve_device(cfg.runtime.device)
+    data = build_data(cfg.data, seed=cfg.experiment.seed, device=device)
+    model = build_model(args.model, data.num_classes, data.input_shape)
+    load_weights(model, args.checkpoint, "model")
+    model.to(device)
+    with torch.no_grad():
+        metrics = evaluate(model, data.test)
+    print(f"{args.model} on {cfg.data.dataset} test: top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  "
+          f"loss {metrics['loss']:.4f}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "methods":
+        from kdzoo.methods.registry import list_methods
+
+        for name, cls in list_methods().items():
+            doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+            print(f"{name:14s} {doc}")
+    elif args.what == "models":
+        from kdzoo.models.registry import count_parameters, create_model, list_models
+
+        import torch
+
+        print(f"{'name':22s} {'family':9s} {'params (100 cls)':>16s}")
+        for entry in list_models():
+            with torch.device("meta"):
+                params = count_parameters(create_model(entry.name, num_classes=100))
+            print(f"{entry.name:22s} {entry.family:9s} {params:16,d}")
+        print("plus any timm:<name> or torchvision:<name> model")
+    else:
+        root = _configs_root()
+        for path in sorted(root.rglob("*.yaml")):
+            if "_base_" not in path.parts:
+                print(path.relative_to(root.parent))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kdzoo.demo import run_demo
+
+    run_demo(output_dir=args.output_dir, epochs=args.epochs, teacher_epochs=args.teacher_epochs)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdzoo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a teacher or distil a student from a YAML config")
+    train.add_argument("config", help="YAML recipe, e.g. configs/cifar100/kd/resnet32x4_resnet8x4.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=../shared/data schedule.epochs=1")
+    train.add_argument("--resume", nargs="?", const="auto", default=None,
+                       help="continue the run: newest valid checkpoint (default) or the given file")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="top-1/top-5/loss of a checkpoint on the test split")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("overrides", nargs="*", help="e.g. data.root=../shared/data data.dataset=cifar100")
+    ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", help="teacher, student, KD and DKD on the embedded MNIST-5k dataset")
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--epochs", type=int, default=None, help="student epochs (default: the demo's budget)")
+    demo.add_argument("--teacher-epochs", type=int, default=None)
+    demo.set_defaults(func=cmd_demo)
+
+    ls = sub.add_parser("list", help="what exists")
+    ls.add_argument("what", choices=["methods", "models", "configs"])
+    ls.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserInputError as exc:
+        print(f"kdzoo: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

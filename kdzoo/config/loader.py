@@ -1,0 +1,127 @@
+"""YAML recipes with ``_base_`` inheritance and dotted ``key=value`` overrides, validated.
+
+``_base_`` (a path or a list of paths, relative to the file) is merged first, then the file itself,
+then the command-line overrides; the result is checked against :class:`kdzoo.config.schema.Config`
+and the method's own config dataclass. Every problem raises :class:`UserInputError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kdzoo.config.schema import Config
+from kdzoo.config.validate import merge_into_schema
+from kdzoo.errors import UserInputError
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    if path in chain:
+        raise UserInputError(f"config {path} inherits from itself through _base_: {' -> '.join(map(str, chain))}")
+    if not path.is_file():
+        where = f" (named by _base_ in {chain[-1]})" if chain else ""
+        raise UserInputError(f"config file {path} does not exist{where}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"config {path} must be a mapping at top level, got {type(data).__name__}")
+    bases = data.pop("_base_", [])
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = deep_merge(merged, _read_yaml((path.parent / base).resolve(), (*chain, path)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[1,2]"]`` -> nested dict; values are parsed as YAML (numbers, lists, null)."""
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise UserInputError(f"override {bad[0]!r} is not of the form key=value (e.g. schedule.epochs=1)")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise UserInputError(f"cannot parse overrides {list(overrides)}: {exc}") from None
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path).resolve(), ())
+    raw = deep_merge(raw, parse_overrides(overrides))
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    cfg = merge_into_schema(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks the type system cannot express."""
+    from kdzoo.methods.base import build_method_config
+    from kdzoo.methods.registry import method_class
+    from kdzoo.models.registry import canonical_name
+
+    checks = [
+        (cfg.data.batch_size > 0, "data.batch_size must be positive"),
+        (cfg.data.test_batch_size > 0, "data.test_batch_size must be positive"),
+        (cfg.data.subset is None or cfg.data.subset > 0, "data.subset must be positive or null"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.optim.lr > 0, "optim.lr must be positive"),
+        (0 <= cfg.optim.momentum < 1, "optim.momentum must be in [0, 1)"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (cfg.optim.name in ("sgd", "dot"), f"optim.name must be 'sgd' or 'dot', got {cfg.optim.name!r}"),
+        (cfg.schedule.epochs > 0, "schedule.epochs must be positive"),
+        (cfg.schedule.gamma > 0, "schedule.gamma must be positive"),
+        (list(cfg.schedule.milestones) == sorted(cfg.schedule.milestones), "schedule.milestones must be increasing"),
+        (cfg.runtime.nonfinite in ("stop", "skip"), "runtime.nonfinite must be 'stop' or 'skip'"),
+        (cfg.runtime.amp_dtype in ("auto", "bf16", "fp16"), "runtime.amp_dtype must be auto, bf16 or fp16"),
+        (cfg.runtime.log_interval > 0, "runtime.log_interval must be positive"),
+        (cfg.runtime.checkpoint_interval >= 0, "runtime.checkpoint_interval must be >= 0"),
+        (cfg.runtime.keep_last >= 1, "runtime.keep_last must be >= 1"),
+        (cfg.runtime.eval_every >= 1, "runtime.eval_every must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserInputError(message)
+    if "name" not in cfg.method:
+        raise UserInputError("method.name is missing (e.g. method.name=kd; `kdzoo list methods` shows all)")
+    method_cls = method_class(str(cfg.method["name"]))
+    build_method_config(method_cls, dict(cfg.method), {})
+    canonical_name(cfg.student.name)
+    if method_cls.requires_teacher:
+        if not cfg.teacher.name:
+            raise UserInputError(f"method {method_cls.name!r} distils from a teacher: set teacher.name")
+        canonical_name(cfg.teacher.name)
+        if not cfg.teacher.checkpoint:
+            raise UserInputError(
+                f"method {method_cls.name!r} needs a trained teacher: set teacher.checkpoint to its weights "
+                "(RepDistiller / mdistiller / kdzoo checkpoint or a plain state_dict)"
+            )
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

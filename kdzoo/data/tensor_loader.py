@@ -1,0 +1,145 @@
+"""Small-image datasets held as one uint8 tensor on the training device, augmented per batch.
+
+No per-sample Python work and no worker processes: the whole epoch's plan (sample order, crop
+offsets, flips) is drawn at the start of the epoch from a generator seeded by (seed, epoch), and
+each batch is gathered, cropped, flipped and normalised with a handful of tensor ops. Because the
+plan is a pure function of (seed, epoch), resuming at step k of an epoch reproduces the remaining
+batches exactly: the loader state is just (epoch, step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdzoo.methods.base import Batch
+
+
+@dataclass(frozen=True)
+class CropFlip:
+    """RandomCrop(size, padding) with zero padding + RandomHorizontalFlip(0.5), the CIFAR recipe."""
+
+    padding: int = 4
+    flip: bool = True
+
+    @property
+    def num_offsets(self) -> int:
+        return 2 * self.padding + 1
+
+
+@dataclass
+class EpochPlan:
+    order: Tensor  # int64 [n] sample indices for this rank
+    crop_x: Tensor | None
+    crop_y: Tensor | None
+    flip: Tensor | None
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # Large odd multiplier keeps (seed, epoch) pairs from colliding for any realistic values.
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+
+
+class TensorBatchLoader:
+    """Iterates :class:`Batch` objects over an in-memory uint8 image tensor."""
+
+    def __init__(
+        self,
+        images: Tensor,
+        targets: Tensor,
+        *,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device | str = "cpu",
+        augment: CropFlip | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {list(images.shape)}")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.targets = targets.to(self.device)
+        self.batch_size = batch_size
+        channels = images.shape[1]
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, channels, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, channels, 1, 1)
+        self.augment = augment
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+
+    @property
+    def num_samples(self) -> int:
+        return self.images.shape[0]
+
+    def _per_rank(self) -> int:
+        # Every rank sees the same number of samples (DistributedSampler's padding rule).
+        return -(-self.num_samples // self.world_size)
+
+    def __len__(self) -> int:
+        n = self._per_rank()
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def plan(self, epoch: int) -> EpochPlan:
+        gen = _epoch_generator(self.seed, epoch)
+        n = self.num_samples
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        crop_x = crop_y = flip = None
+        if self.augment is not None:
+            crop_x = torch.randint(0, self.augment.num_offsets, (n,), generator=gen)
+            crop_y = torch.randint(0, self.augment.num_offsets, (n,), generator=gen)
+            flip = torch.rand(n, generator=gen) < 0.5 if self.augment.flip else torch.zeros(n, dtype=torch.bool)
+        per_rank = self._per_rank()
+        if per_rank * self.world_size != n:
+            pad = per_rank * self.world_size - n
+            order = torch.cat([order, order[:pad]])
+            if crop_x is not None:
+                crop_x, crop_y, flip = (torch.cat([t, t[:pad]]) for t in (crop_x, crop_y, flip))  # type: ignore[misc]
+        take = slice(self.rank, None, self.world_size)
+        pick = (lambda t: None if t is None else t[take].to(self.device))  # noqa: E731
+        return EpochPlan(pick(order), pick(crop_x), pick(crop_y), pick(flip))
+
+    def normalize(self, images_u8: Tensor) -> Tensor:
+        # Same op order as ToTensor + Normalize, so values equal torchvision's pipeline bit for bit.
+        return images_u8.float().div_(255.0).sub_(self.mean).div_(self.std)
+
+    def crop_flip(self, images_u8: Tensor, crop_x: Tensor, crop_y: Tensor, flip: Tensor) -> Tensor:
+        assert self.augment is not None
+        pad = self.augment.padding
+        b, c, h, w = images_u8.shape
+        padded = F.pad(images_u8, (pad, pad, pad, pad))
+        rows = (crop_y[:, None] + torch.arange(h, device=self.device))[:, None, :, None]
+        cols = torch.arange(w, device=self.device).expand(b, w)
+        # Flipping = reading the crop's columns right to left.
+        cols = torch.where(flip[:, None], cols.flip(1), cols) + crop_x[:, None]
+        batch_idx = torch.arange(b, device=self.device)[:, None, None, None]
+        chan_idx = torch.arange(c, device=self.device)[None, :, None, None]
+        return padded[batch_idx, chan_idx, rows, cols[:, None, None, :]]
+
+    def iterate(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        plan = self.plan(epoch)
+        n = plan.order.numel()
+        for step in range(start_step, len(self)):
+            sl = slice(step * self.batch_size, min((step + 1) * self.batch_size, n))
+            index = plan.order[sl]
+            images = self.images[index]
+            extras = {}
+            if plan.crop_x is not None:
+                cx, cy, fl = plan.crop_x[sl], plan.crop_y[sl], plan.flip[sl]  # type: ignore[index]
+                images = self.crop_flip(images, cx, cy, fl)
+                extras["view"] = torch.stack([cx, cy, fl.long()], dim=1)
+            yield Batch(self.normalize(images), self.targets[index], index, extras)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.iterate(epoch=1)

@@ -1,0 +1,1 @@
+"""Training engine: trainer loop, optimisers and schedules, checkpoints, logging, distributed."""

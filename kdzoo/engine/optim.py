@@ -1,0 +1,34 @@
+"""Optimisers and the step-wise learning-rate schedule of the KD recipes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kdzoo.config.schema import OptimConfig, ScheduleConfig
+
+
+def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    lr = cfg.lr if lr is None else lr
+    if cfg.name == "dot":
+        from kdzoo.engine.dot import DistillationOrientedSGD
+
+        return DistillationOrientedSGD(
+            param_groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, delta=cfg.dot_delta
+        )
+    return torch.optim.SGD(
+        param_groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+    )
+
+
+def multistep_lr(base_lr: float, epoch: int, schedule: ScheduleConfig) -> float:
+    """RepDistiller's ``adjust_learning_rate``: with 1-based epoch e, lr = base * gamma^#{m < e}, so the
+    first decay of milestones 150/180/210 applies from epoch 151 (methods.md §0.3)."""
+    decays = sum(epoch > m for m in schedule.milestones)
+    return base_lr * schedule.gamma**decays
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,82 @@
+"""Build everything a run needs from a validated config, before anything is written to disk.
+
+Every failure here (missing data, unknown model, missing or mismatched teacher checkpoint, a
+method that cannot work with the chosen pair) raises :class:`UserInputError`, so the CLI exits with
+code 2 and no run directory exists yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdzoo.config.schema import Config
+from kdzoo.data.datasets import DataBundle, build_data
+from kdzoo.engine.runtime import resolve_device, seed_everything, set_deterministic
+from kdzoo.errors import UserInputError
+from kdzoo.methods.base import Distiller
+from kdzoo.methods.registry import method_class
+from kdzoo.models.registry import create_model, model_entry
+
+
+@dataclass
+class RunParts:
+    cfg: Config
+    device: torch.device
+    data: DataBundle
+    distiller: Distiller
+    rank: int = 0
+    world_size: int = 1
+
+
+def load_weights(model: nn.Module, path: str, role: str) -> dict:
+    from kdzoo.models.checkpoint import load_checkpoint
+
+    if not Path(path).is_file():
+        raise UserInputError(f"{role} checkpoint {path} does not exist")
+    return load_checkpoint(model, path)
+
+
+def build_model(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    entry = model_entry(name)
+    if entry is not None and entry.family == "cifar" and tuple(input_shape[1:]) != (entry.input_size,) * 2:
+        raise UserInputError(
+            f"model {name!r} expects {entry.input_size}x{entry.input_size} inputs, but the dataset's images are "
+            f"{input_shape[1]}x{input_shape[2]}"
+        )
+    return create_model(name, num_classes=num_classes)
+
+
+def prepare_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> RunParts:
+    device = device or resolve_device(cfg.runtime.device)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    set_deterministic(cfg.runtime.deterministic)
+    seed_everything(cfg.experiment.seed)
+    method_cls = method_class(str(cfg.method["name"]))
+    data = build_data(
+        cfg.data, seed=cfg.experiment.seed, device=device, rank=rank, world_size=world_size,
+        drop_last=method_cls.needs_fixed_batch_size,
+    )
+    # Models are built after seeding, so a seed fixes the student's initial weights too.
+    student = build_model(cfg.student.name, data.num_classes, data.input_shape)
+    if cfg.student.checkpoint:
+        load_weights(student, cfg.student.checkpoint, "student")
+    teacher = None
+    if method_cls.requires_teacher or cfg.teacher.name:
+        if not cfg.teacher.name or not cfg.teacher.checkpoint:
+            raise UserInputError(f"method {method_cls.name!r} needs teacher.name and teacher.checkpoint")
+        teacher = build_model(cfg.teacher.name, data.num_classes, data.input_shape)
+        load_weights(teacher, cfg.teacher.checkpoint, "teacher")
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    distiller = method_cls(student, teacher, dict(cfg.method), input_shape=data.input_shape)
+    distiller.to(device)
+    distiller.bind_dataset(data.info)
+    if cfg.runtime.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    return RunParts(cfg, device, data, distiller, rank, world_size)

@@ -1,0 +1,307 @@
+"""One training loop for teachers, students and every method.
+
+The loop knows nothing about methods: it asks the distiller for its stages, parameter groups and
+named losses, sums them, steps, evaluates, logs and checkpoints. Per step there is no host-device
+synchronisation: losses and the non-finite flags are accumulated on the device and read once per
+``runtime.log_interval`` steps (and at the end of the epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdzoo import __version__
+from kdzoo.config.loader import to_yaml
+from kdzoo.engine import checkpoint_io
+from kdzoo.engine.logger import MetricsLog
+from kdzoo.engine.optim import build_optimizer, multistep_lr, set_lr
+from kdzoo.engine.runtime import amp_dtype, autocast, rng_state, set_rng_state
+from kdzoo.engine.setup import RunParts
+from kdzoo.errors import UserInputError
+from kdzoo.methods.base import Batch, Progress, Stage
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN/Inf; the message names the loss term, step and epoch."""
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Batch], *, amp: bool = False,
+             dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy of ``model`` on ``batches``."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = loss_sum = None
+    count = 0
+    for batch in batches:
+        device = batch.image.device
+        with autocast(device, amp, dtype):
+            logits = model(batch.image)
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == batch.target[:, None]
+        c1, c5 = hits[:, 0].sum(), hits.any(dim=1).sum()
+        ls = F.cross_entropy(logits, batch.target, reduction="sum")
+        correct1 = c1 if correct1 is None else correct1 + c1
+        correct5 = c5 if correct5 is None else correct5 + c5
+        loss_sum = ls if loss_sum is None else loss_sum + ls
+        count += batch.target.numel()
+    model.train(was_training)
+    if count == 0:
+        raise UserInputError("the evaluation split is empty")
+    return {
+        "top1": 100.0 * float(correct1) / count,  # type: ignore[arg-type]
+        "top5": 100.0 * float(correct5) / count,  # type: ignore[arg-type]
+        "loss": float(loss_sum) / count,  # type: ignore[arg-type]
+    }
+
+
+@dataclasses.dataclass
+class TrainState:
+    stage_index: int = 0
+    epoch: int = 1  # 1-based epoch within the stage that is running or about to run
+    step_in_epoch: int = 0  # batches of ``epoch`` already done
+    global_step: int = 0
+    best_top1: float = -math.inf
+    best_epoch: int = 0
+    # Running sums of the epoch's losses (device tensors), checkpointed so a mid-epoch resume logs
+    # exactly what an uninterrupted run logs.
+    epoch_sums: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    epoch_steps: int = 0
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, parts: RunParts, run_dir: Path, *, is_main: bool = True):
+        self.parts = parts
+        self.cfg = parts.cfg
+        self.distiller = parts.distiller
+        self.device = parts.device
+        self.run_dir = run_dir
+        self.is_main = is_main
+        self.state = TrainState()
+        self.stages = self.distiller.stages()
+        self.amp = self.cfg.runtime.amp
+        self.amp_dtype = amp_dtype(self.device, self.cfg.runtime.amp_dtype)
+        use_scaler = self.amp and self.amp_dtype == torch.float16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.model: nn.Module = self.distiller
+        if parts.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.distiller, device_ids=ids)
+        if self.cfg.runtime.compile:
+            self._compile()
+        self.optimizer = self._build_optimizer(self.stages[0])
+        self.log = MetricsLog(run_dir, self.cfg.runtime.tensorboard, enabled=is_main)
+
+    # ---- setup --------------------------------------------------------------------------------
+    def _compile(self) -> None:
+        # Compile the networks, not the distiller: hooks registered on their submodules are traced
+        # into the graph, and the method's loss code stays eager (it is cheap and often dynamic).
+        for extractor in (self.distiller.student_extractor, self.distiller.teacher_extractor):
+            if extractor is not None:
+                extractor.model = torch.compile(extractor.model)
+
+    def _build_optimizer(self, stage: Stage) -> torch.optim.Optimizer:
+        groups = self.distiller.param_groups(stage)
+        if not groups:
+            raise UserInputError(f"stage {stage.name!r} of {self.distiller.name} has no trainable parameters")
+        return build_optimizer(groups, self.cfg.optim, stage.lr)
+
+    def stage_epochs(self, stage: Stage) -> int:
+        return stage.epochs if stage.epochs is not None else self.cfg.schedule.epochs
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": "kdzoo-train",
+            "version": __version__,
+            "method": self.distiller.name,
+            "student_name": self.cfg.student.name,
+            "num_classes": self.parts.data.num_classes,
+            "train_state": dataclasses.asdict(self.state),
+            "distiller": self.distiller.method_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def save(self) -> None:
+        if not self.is_main:
+            return
+        s = self.state
+        path = self.run_dir / checkpoint_io.checkpoint_name(s.stage_index, s.epoch, s.step_in_epoch)
+        checkpoint_io.save_checkpoint(self.state_dict(), path)
+        checkpoint_io.prune(self.run_dir, self.cfg.runtime.keep_last)
+
+    def load(self, path: Path) -> None:
+        ckpt = checkpoint_io.load_verified(path, map_location=self.device)
+        if ckpt.get("format") != "kdzoo-train" or ckpt.get("method") != self.distiller.name:
+            raise UserInputError(f"{path} is not a {self.distiller.name} training checkpoint of kdzoo")
+        self.state = TrainState(**ckpt["train_state"])
+        self.state.epoch_sums = {k: v.to(self.device) for k, v in self.state.epoch_sums.items()}
+        self.distiller.load_method_state_dict(ckpt["distiller"])
+        self.optimizer = self._build_optimizer(self.stages[self.state.stage_index])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.log.restore(self.state.records)
+
+    def export(self, name: str, metrics: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        model = self.distiller.export_student()
+        payload = {
+            "format": "kdzoo-model",
+            "version": __version__,
+            "model_name": getattr(model, "kdzoo_name", self.cfg.student.name),
+            "num_classes": self.parts.data.num_classes,
+            "model": model.state_dict(),
+            "metrics": metrics,
+        }
+        checkpoint_io.save_checkpoint(payload, self.run_dir / name)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        if self.is_main:
+            (self.run_dir / "config.yaml").write_text(f"# kdzoo {__version__}\n" + to_yaml(self.cfg))
+        while self.state.stage_index < len(self.stages):
+            stage = self.stages[self.state.stage_index]
+            while self.state.epoch <= self.stage_epochs(stage):
+                self.train_epoch(stage)
+            self.state.stage_index += 1
+            self.state.epoch, self.state.step_in_epoch = 1, 0
+            if self.state.stage_index < len(self.stages):
+                self.optimizer = self._build_optimizer(self.stages[self.state.stage_index])
+        self.log.close()
+        final = self.state.records[-1] if self.state.records else {}
+        return {
+            "last_top1": final.get("top1"),
+            "best_top1": self.state.best_top1 if self.state.best_epoch else None,
+            "best_epoch": self.state.best_epoch,
+            "run_dir": str(self.run_dir),
+        }
+
+    def train_epoch(self, stage: Stage) -> None:
+        s = self.state
+        loader = self.parts.data.train
+        epochs = self.stage_epochs(stage)
+        base_lr = stage.lr if stage.lr is not None else self.cfg.optim.lr
+        set_lr(self.optimizer, multistep_lr(base_lr, s.epoch, self.cfg.schedule) if stage.use_schedule else base_lr)
+        self.distiller.train()
+        progress = Progress(epoch=s.epoch, epochs=epochs, step=s.global_step, stage=stage.name)
+        sums = s.epoch_sums
+        bad_terms: dict[str, Tensor] = {}
+        interval = self.cfg.runtime.checkpoint_interval
+        started = time.perf_counter()
+        bar = self._progress_bar(len(loader), s.step_in_epoch, f"{stage.name} {s.epoch}/{epochs}")
+        for batch in loader.iterate(s.epoch, s.step_in_epoch):
+            progress.step = s.global_step
+            losses = self.train_step(batch, progress)
+            for name, value in losses.items():
+                value = value.detach().float()
+                sums[name] = sums[name] + value if name in sums else value.clone()
+                finite = torch.isfinite(value)
+                bad_terms[name] = bad_terms[name] | ~finite if name in bad_terms else ~finite
+            s.epoch_steps += 1
+            s.step_in_epoch += 1
+            s.global_step += 1
+            if bar is not None:
+                bar.update(1)
+            if s.step_in_epoch % self.cfg.runtime.log_interval == 0:
+                self._check_finite(bad_terms, stage)
+                if bar is not None:
+                    bar.set_postfix({k: f"{float(v) / s.epoch_steps:.3f}" for k, v in sums.items()})
+            if interval and s.step_in_epoch % interval == 0 and s.step_in_epoch < len(loader):
+                self._check_finite(bad_terms, stage)
+                self.save()
+        if bar is not None:
+            bar.close()
+        self._check_finite(bad_terms, stage)
+        record: dict[str, Any] = {"stage": stage.name, "epoch": s.epoch, "step": s.global_step,
+                                  "lr": self.optimizer.param_groups[0]["lr"]}
+        record.update({f"train/{k}": float(v) / max(s.epoch_steps, 1) for k, v in sums.items()})
+        record["epoch_time_s"] = time.perf_counter() - started
+        if stage is self.stages[-1] and (s.epoch % self.cfg.runtime.eval_every == 0 or s.epoch == epochs):
+            record.update(self._evaluate_all())
+        s.epoch += 1
+        s.step_in_epoch = 0
+        s.epoch_sums, s.epoch_steps = {}, 0
+        s.records.append(record)
+        self.log.log(record, s.global_step)
+        improved = "top1" in record and record["top1"] > s.best_top1
+        if improved:
+            s.best_top1, s.best_epoch = record["top1"], record["epoch"]
+            self.export("student_best.pt", record)
+        self.save()
+        if stage is self.stages[-1] and s.epoch > epochs:
+            self.export("student_last.pt", record)
+
+    def train_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        if self.cfg.runtime.channels_last:
+            batch.image = batch.image.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.amp, self.amp_dtype):
+            _, losses = self.model(batch, progress)
+        if not losses:
+            raise UserInputError(f"{self.distiller.name} returned no losses in stage {progress.stage!r}")
+        splits = getattr(self.optimizer, "splits_losses", False)
+        if splits:
+            from kdzoo.engine.dot import dot_backward_step
+
+            task = sum(v for k, v in losses.items() if k == "loss_ce")
+            distill = sum(v for k, v in losses.items() if k != "loss_ce")
+            dot_backward_step(self.optimizer, task, distill, self.scaler if self.scaler.is_enabled() else None)
+            return losses
+        total = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.cfg.runtime.nonfinite == "skip":
+            # Skipping needs the verdict before the update: one host read per step, by choice.
+            if not bool(torch.isfinite(total)) or not self._grads_finite():
+                return {k: v.detach() for k, v in losses.items() if torch.isfinite(v)}
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return losses
+
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
+
+    def _check_finite(self, bad_terms: dict[str, Tensor], stage: Stage) -> None:
+        if self.cfg.runtime.nonfinite != "stop" or not bad_terms:
+            return
+        flags = torch.stack(list(bad_terms.values())).cpu()
+        if flags.any():
+            names = [n for n, f in zip(bad_terms, flags.tolist()) if f]
+            s = self.state
+            raise NonFiniteLossError(
+                f"non-finite loss in term(s) {', '.join(names)} during stage {stage.name!r}, epoch {s.epoch}, "
+                f"before step {s.step_in_epoch} of the epoch (global step {s.global_step}); training stopped, the "
+                f"last checkpoint in {self.run_dir} is intact. Lower optim.lr, or set runtime.nonfinite=skip."
+            )
+
+    def _evaluate_all(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for i, (name, model) in enumerate(self.distiller.evaluation_models().items()):
+            metrics = evaluate(model, self.parts.data.test, amp=self.amp, dtype=self.amp_dtype)
+            prefix = "" if i == 0 else f"{name}/"
+            out.update({f"{prefix}{k}": v for k, v in metrics.items()})
+        return out
+
+    def _progress_bar(self, total: int, initial: int, desc: str) -> Any:
+        if not (self.is_main and self.cfg.runtime.progress):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)

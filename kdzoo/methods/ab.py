@@ -1,0 +1,105 @@
+"""AB — Heo et al., "Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden Neurons",
+AAAI 2019, arXiv 1811.03233 (methods.md §13). Reference: RepDistiller ``distiller_zoo/AB.py ABLoss``,
+``models/util.py Connector`` and ``helper/pretrain.py init``.
+
+Two stages, as RepDistiller runs them: an init stage (30 epochs, constant base lr) trains the connectors and
+the student's feature extractor (no classifier) on the activation-boundary loss alone; the main stage is plain
+cross-entropy (RepDistiller's loop sets ``loss_kd = 0`` for AB, so its ``-b 1`` is inert) and needs no teacher
+forward unless ``kd_weight`` is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdzoo.errors import UserInputError
+from kdzoo.methods.base import Batch, Distiller, Progress, Stage
+from kdzoo.methods.losses import at_least_fp32, ce_and_kd, feature_body
+from kdzoo.methods.registry import register_method
+from kdzoo.models.taps import Outputs
+
+
+@dataclass
+class ABConfig:
+    margin: float = 1.0  # RD distiller_zoo/AB.py ABLoss(margin=1.0)
+    init_epochs: int = 30  # RD train_student.py --init_epochs 30
+    init_lr: float | None = None  # None = the base lr, as RD helper/pretrain.py (opt.learning_rate)
+    ce_weight: float = 1.0  # RD scripts/run_cifar_distill.sh -r 1 (main stage)
+    kd_weight: float = 0.0  # RD -a 0 (main stage)
+    temperature: float = 4.0  # RD --kd_T 4 (only used when kd_weight > 0)
+
+
+def connector(student_shape: Sequence[int], teacher_shape: Sequence[int]) -> nn.Module:
+    """RD ``Connector``: identity where (C, H) agree, else RD's ``ConvReg`` without its ReLU (conv + BN)."""
+    s_channels, s_size = student_shape[1], student_shape[2]
+    t_channels, t_size = teacher_shape[1], teacher_shape[2]
+    if s_channels == t_channels and s_size == t_size:
+        return nn.Identity()
+    if s_size == 2 * t_size:
+        conv: nn.Module = nn.Conv2d(s_channels, t_channels, kernel_size=3, stride=2, padding=1)
+    elif 2 * s_size == t_size:
+        conv = nn.ConvTranspose2d(s_channels, t_channels, kernel_size=4, stride=2, padding=1)
+    elif s_size >= t_size:
+        conv = nn.Conv2d(s_channels, t_channels, kernel_size=(1 + s_size - t_size, 1 + student_shape[3] - teacher_shape[3]))
+    else:
+        raise UserInputError(f"ab cannot connect a student map of size {s_size} to a teacher map of size {t_size}")
+    return nn.Sequential(conv, nn.BatchNorm2d(t_channels))
+
+
+def ab_loss_terms(student_preacts: Sequence[Tensor], teacher_preacts: Sequence[Tensor], margin: float) -> list[Tensor]:
+    """Weighted per-stage terms of RD's ``ABLoss``: ``w_i * sum(l) / B * 3/1000`` with ``w_i = 2^(i-N+1)``.
+
+    RD's element loss ``(s+m)^2 [s > -m, t <= 0] + (s-m)^2 [s <= m, t > 0]`` is written as
+    ``relu(s+m)^2`` / ``relu(m-s)^2`` selected by the teacher's sign (same values and gradients)."""
+    count = len(student_preacts)
+    terms = []
+    for i, (s, t) in enumerate(zip(student_preacts, teacher_preacts)):
+        s = at_least_fp32(s)
+        element = torch.where(t > 0, F.relu(margin - s), F.relu(s + margin)).pow(2)
+        terms.append(element.sum() * (2.0 ** (i - count + 1) / s.shape[0] * 3 / 1000))
+    return terms
+
+
+@register_method("ab")
+class AB(Distiller):
+    Config = ABConfig
+    teacher_taps = ("preact",)
+    student_taps = ("preact",)
+
+    def build(self) -> None:
+        s_maps, t_maps = self.probe_student().preact[1:], self.probe_teacher().preact[1:]
+        if len(s_maps) != len(t_maps):
+            raise UserInputError(f"ab pairs stages one to one, but the student has {len(s_maps)} and the teacher "
+                                 f"{len(t_maps)}")
+        self.connectors = nn.ModuleList(connector(s.shape, t.shape) for s, t in zip(s_maps, t_maps))
+        # The student without its classifier (RD get_feat_modules), trained in the init stage; a view, not a child.
+        object.__setattr__(self, "student_body", feature_body(self.student))
+
+    def stages(self) -> list[Stage]:
+        cfg = self.cfg
+        init = Stage(name="init", epochs=cfg.init_epochs, trainable=("connectors", "student_body"), lr=cfg.init_lr,
+                     use_schedule=False)
+        main = Stage(name="main", trainable=("student",))  # RD: the connectors are not trained after init
+        return [init, main] if cfg.init_epochs > 0 else [main]
+
+    def compute_losses(self, student: Outputs, teacher: Outputs | None, batch: Batch,
+                       progress: Progress) -> dict[str, Tensor]:
+        cfg = self.cfg
+        if progress.stage == "init":
+            assert teacher is not None
+            connected = [conv(f) for conv, f in zip(self.connectors, student.preact[1:])]
+            return {"loss_ab": sum(ab_loss_terms(connected, teacher.preact[1:], cfg.margin))}
+        teacher_logits = teacher.logits if teacher is not None else None
+        return ce_and_kd(student.logits, teacher_logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+
+    def training_step(self, batch: Batch, progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        if progress.stage == "init" or self.cfg.kd_weight:
+            return super().training_step(batch, progress)
+        # Main stage without KD: RD still runs the teacher, but nothing reads its outputs.
+        student_out = self.student_extractor(batch.image)
+        return student_out.logits, self.compute_losses(student_out, None, batch, progress)

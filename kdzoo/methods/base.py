@@ -1,0 +1,242 @@
+"""The method interface: a ``Distiller`` owns teacher, student and its extra modules and turns one
+batch into named, already-weighted losses. The trainer only sums, steps, logs and checkpoints.
+
+The public contract is mdistiller's (``forward_train(image=, target=, epoch=, **extras) ->
+(student_logits, {name: loss})`` and ``forward_test(image)``), so its users can port methods. A
+method file subclasses :class:`Distiller`, sets class attributes that *declare* what it needs
+(taps, sample indices, teacher mode, stages) and implements :meth:`compute_losses`. Everything the
+trainer must treat differently per method is one of these declarations, never a name check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from kdzoo.errors import UserInputError
+from kdzoo.models.taps import FeatureExtractor, Outputs, TapGroup, probe_shapes
+
+
+@dataclass
+class Progress:
+    """Where training is. ``epoch`` is 1-based (mdistiller's warm-up convention, methods.md §0.5)."""
+
+    epoch: int = 1
+    epochs: int = 240
+    step: int = 0  # global optimisation step, 0-based
+    stage: str = "main"
+
+
+@dataclass
+class Batch:
+    """One training batch. ``index`` = dataset indices of the samples (CRD's memory bank keys);
+    ``extras`` carries whatever else the data pipeline provides (e.g. cached teacher logits)."""
+
+    image: Tensor
+    target: Tensor
+    index: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetInfo:
+    """What a method may need to know about the training set before training (CRD: N, labels)."""
+
+    num_samples: int
+    num_classes: int
+    targets: Tensor  # int64 [N], on CPU
+
+
+@dataclass
+class Stage:
+    """One training stage. AB/FT/FSP first train only some modules on the method loss (RepDistiller's
+    30-epoch init), then run the main stage. ``trainable`` names distiller attributes (``student``,
+    ``extra`` for all extra modules, or an attribute such as ``connectors``); ``epochs=None`` means the
+    schedule's epochs. ``lr`` overrides the optimiser's lr for the stage, ``schedule`` whether the main
+    lr schedule applies."""
+
+    name: str = "main"
+    epochs: int | None = None
+    trainable: tuple[str, ...] = ("student", "extra")
+    lr: float | None = None
+    use_schedule: bool = True
+
+
+class Distiller(nn.Module):
+    """Base class of every method (including the teacher-free cross-entropy baseline)."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+    # Which tap groups each side needs; empty = logits only (cheapest, teacher-cache friendly).
+    teacher_taps: ClassVar[tuple[TapGroup, ...]] = ()
+    student_taps: ClassVar[tuple[TapGroup, ...]] = ()
+    requires_teacher: ClassVar[bool] = True
+    # OFD runs the teacher in train mode (batch statistics), as the official code does.
+    teacher_train_mode: ClassVar[bool] = False
+    # CRD keys its memory banks by dataset index.
+    needs_sample_index: ClassVar[bool] = False
+    # SemCKD needs every batch to have the same size.
+    needs_fixed_batch_size: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        cfg: Any = None,
+        *,
+        input_shape: Sequence[int] = (3, 32, 32),
+        **hparams: Any,
+    ):
+        super().__init__()
+        if self.requires_teacher and teacher is None:
+            raise UserInputError(f"method {self.name!r} needs a teacher; none was given")
+        self.cfg = build_method_config(type(self), cfg, hparams)
+        self.input_shape = tuple(input_shape)
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.train(self.teacher_train_mode)
+        self.student_extractor = FeatureExtractor(student, self.student_taps)
+        self.teacher_extractor = FeatureExtractor(teacher, self.teacher_taps) if teacher is not None else None
+        self.build()
+
+    # ---- hooks a method overrides -------------------------------------------------------------
+    def build(self) -> None:
+        """Create extra trainable modules (use :meth:`probe_student` / :meth:`probe_teacher` for shapes)."""
+
+    def compute_losses(
+        self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
+    ) -> dict[str, Tensor]:
+        """Named, weighted loss terms; their sum is what the trainer minimises."""
+        raise NotImplementedError
+
+    def stages(self) -> list[Stage]:
+        """Training stages in order; most methods have just the main one."""
+        return [Stage()]
+
+    def bind_dataset(self, info: DatasetInfo) -> None:
+        """Called once before training with facts about the training set (default: nothing)."""
+
+    def export_student(self) -> nn.Module:
+        """The network deployed after training (SimKD overrides: backbone + projector + teacher fc)."""
+        return self.student
+
+    def param_groups(self, stage: Stage) -> list[dict[str, Any]]:
+        """Optimiser parameter groups for a stage; the references apply one weight decay to all."""
+        params = list(self.trainable_parameters(stage))
+        return [{"params": params}] if params else []
+
+    # ---- machinery ----------------------------------------------------------------------------
+    @property
+    def uses_teacher_features(self) -> bool:
+        return bool(self.teacher_taps) or self.teacher_train_mode
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {n: m for n, m in self.named_children() if n not in ("student", "teacher")}
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Parameters belonging neither to teacher nor student (connectors, embeddings, ...)."""
+        frozen = {id(p) for m in (self.student, self.teacher) if m is not None for p in m.parameters()}
+        return [p for p in self.parameters() if id(p) not in frozen]
+
+    def num_extra_parameters(self) -> int:
+        return sum(p.numel() for p in self.extra_parameters())
+
+    def trainable_parameters(self, stage: Stage) -> Iterator[nn.Parameter]:
+        seen: set[int] = set()
+        for part in stage.trainable:
+            if part == "extra":
+                params: Sequence[nn.Parameter] = self.extra_parameters()
+            else:
+                module = getattr(self, part, None)
+                if not isinstance(module, nn.Module):
+                    raise UserInputError(f"stage {stage.name!r} trains {part!r}, which {self.name} does not have")
+                params = list(module.parameters())
+            for p in params:
+                if id(p) not in seen and p.requires_grad:
+                    seen.add(id(p))
+                    yield p
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        if self.teacher is not None:
+            # The teacher stays frozen in eval mode whatever the trainer asks (except OFD's declared
+            # train-mode teacher, which still gets no gradients).
+            self.teacher.train(self.teacher_train_mode and mode)
+        return self
+
+    def probe_student(self) -> Outputs:
+        return probe_shapes(self.student, self.input_shape)
+
+    def probe_teacher(self) -> Outputs:
+        assert self.teacher is not None
+        return probe_shapes(self.teacher, self.input_shape)
+
+    def teacher_forward(self, batch: Batch) -> Outputs | None:
+        if self.teacher_extractor is None:
+            return None
+        cached = batch.extras.get("teacher_logits")
+        if cached is not None and not self.uses_teacher_features:
+            return Outputs(logits=cached)
+        with torch.no_grad():
+            return self.teacher_extractor(batch.image).detach()
+
+    def training_step(self, batch: Batch, progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        teacher_out = self.teacher_forward(batch)
+        student_out = self.student_extractor(batch.image)
+        losses = self.compute_losses(student_out, teacher_out, batch, progress)
+        return student_out.logits, losses
+
+    def forward_train(
+        self, image: Tensor, target: Tensor, epoch: int = 1, **extras: Any
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """mdistiller's contract. ``index`` (and ``contrast_index``) may be passed in ``extras``."""
+        index = extras.pop("index", None)
+        progress = Progress(epoch=epoch, epochs=extras.pop("epochs", 240), stage=extras.pop("stage", "main"))
+        return self.training_step(Batch(image, target, index, extras), progress)
+
+    def forward_test(self, image: Tensor) -> Tensor:
+        return self.export_student()(image)
+
+    def forward(self, batch: Batch | Tensor, progress: Progress | None = None) -> Any:
+        """``forward(Batch, Progress)`` is one training step (what the trainer calls, through DDP when
+        distributed); ``forward(images)`` is inference with the deployed student."""
+        if isinstance(batch, Batch):
+            return self.training_step(batch, progress or Progress())
+        return self.forward_test(batch)
+
+    def evaluation_models(self) -> dict[str, nn.Module]:
+        """Networks the trainer evaluates every epoch (DML: every peer); the first one is "the" model."""
+        return {"student": self.export_student()}
+
+    def method_state_dict(self) -> dict[str, Tensor]:
+        """Everything to checkpoint except the (frozen, separately loaded) teacher."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+    def load_method_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("teacher.")]
+        if missing or unexpected:
+            raise UserInputError(f"{self.name} checkpoint does not fit: missing {missing[:8]}, unexpected {unexpected[:8]}")
+
+
+def build_method_config(cls: type[Distiller], cfg: Any, hparams: dict[str, Any]) -> Any:
+    """Typed method config: reference defaults, then ``cfg`` (dataclass / dict / DictConfig), then
+    keyword overrides. Unknown keys and wrong types raise :class:`UserInputError` naming the key."""
+    from kdzoo.config.validate import merge_into_schema
+
+    if not dataclasses.is_dataclass(cls.Config):
+        return None
+    overrides: dict[str, Any] = {}
+    if cfg is not None:
+        overrides.update(OmegaConf.to_container(OmegaConf.create(cfg)) if not isinstance(cfg, dict) else cfg)
+    overrides.update(hparams)
+    overrides.pop("name", None)
+    return merge_into_schema(cls.Config, overrides, path=f"method ({cls.name})")

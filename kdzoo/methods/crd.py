@@ -1,0 +1,261 @@
+"""CRD — Tian, Krishnan, Isola, "Contrastive Representation Distillation", ICLR 2020, arXiv 1910.10699
+(methods.md §16). Reference: RepDistiller ``crd/criterion.py`` (``CRDLoss``, ``ContrastLoss``,
+``Embed``), ``crd/memory.py`` (``ContrastMemory``) and the negatives of ``dataset/cifar100.py``
+(``CIFAR100InstanceSample``). Differences that do not change the math: negatives are drawn here, on
+the batch's device, instead of in the data loader; the scores come from one [N, B] product instead of
+gathering B x (K+1) x 128 memory rows whenever that is smaller; the whole head runs in fp32."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdzoo.errors import UserInputError
+from kdzoo.methods.base import Batch, DatasetInfo, Distiller, Progress
+from kdzoo.methods.losses import ce_and_kd
+from kdzoo.methods.registry import register_method
+from kdzoo.models.taps import Outputs
+
+NCE_EPS = 1e-7  # RD crd/criterion.py eps
+MODES = {"exact": "exact", "relax": "relax", "relaxed": "relax"}
+
+
+@dataclass
+class CRDConfig:
+    ce_weight: float = 1.0  # RD scripts/run_cifar_distill.sh -r 1
+    kd_weight: float = 0.0  # RD -a 0 (CRD+KD: -a 1)
+    feat_weight: float = 0.8  # RD -b 0.8 (MD CRD.LOSS.FEAT_WEIGHT 0.8)
+    temperature: float = 4.0  # RD --kd_T 4; KD term only, used when kd_weight > 0
+    feat_dim: int = 128  # RD --feat_dim 128
+    nce_k: int = 16384  # RD --nce_k 16384 negatives per sample
+    nce_t: float = 0.07  # RD --nce_t 0.07
+    nce_momentum: float = 0.5  # RD --nce_m 0.5 (memory-bank momentum)
+    mode: str = "exact"  # RD --mode exact ("relax"/"relaxed": positive = random same-class sample)
+    num_data: int | None = None  # RD n_data = len(train_set); None: taken from bind_dataset
+
+
+def _uniform_below(bound: Tensor, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """Independent uniform integers in [0, bound) (``bound`` broadcasts to ``shape``); 62-bit draws
+    reduced modulo bound, so the bias is below bound / 2^62."""
+    raw = torch.randint(0, 2**62, shape, generator=generator, device=bound.device)
+    return raw % bound
+
+
+class ContrastSampler(nn.Module):
+    """Draws RepDistiller's contrast indices: column 0 the positive (the sample itself in ``exact`` mode,
+    a random sample of its class in ``relax`` mode), then K negatives from the other classes, distinct
+    when K <= #negatives (``np.random.choice(..., replace=False)``), independent otherwise.
+
+    Batched on the batch's device with its own ``torch.Generator``; the generator's seed, call count and
+    state are the module's extra state, so checkpoints restore the exact stream (on another device type
+    the stream is re-seeded from seed and call count)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+        self.calls = 0
+        self._generator: torch.Generator | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self.dedupe_draws: int | None = None
+        self.some_need_replacement = False
+        for name in ("class_order", "class_start", "class_count", "sample_class"):
+            self.register_buffer(name, torch.zeros(0, dtype=torch.long), persistent=False)
+
+    @property
+    def bound(self) -> bool:
+        return self.sample_class.numel() > 0
+
+    def bind(self, targets: Tensor, num_classes: int, k: int, device: torch.device) -> None:
+        targets = targets.to(torch.long).cpu()
+        count = torch.bincount(targets, minlength=num_classes)
+        self.sample_class = targets.to(device)
+        # Class-sorted order: the negatives of class c are this order without c's block.
+        self.class_order = torch.argsort(targets, stable=True).to(device)
+        self.class_count = count.to(device)
+        self.class_start = (count.cumsum(0) - count).to(device)
+        # Without replacement, draw iid and keep the first k distinct values of each row (a uniform
+        # k-subset). Size the draw for the hardest row: mean + 12 sd of the draws that k distinct values
+        # need. When that exceeds the negatives themselves, random keys over all of them are cheaper.
+        num_negatives = targets.numel() - count
+        self.some_need_replacement = bool((num_negatives < k).any())
+        feasible = num_negatives[num_negatives >= k]
+        self.dedupe_draws = None
+        if feasible.numel() and k > 0:
+            n = float(feasible.min())
+            hit = (n - torch.arange(k, dtype=torch.float64)) / n
+            draws = (1 / hit).sum() + 12 * ((1 - hit) / hit**2).sum().sqrt() + 64
+            if draws < float(num_negatives.max()):
+                self.dedupe_draws = int(draws)
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            state = self._pending_state
+            if state is not None and state["device_type"] == device.type and state["rng_state"].numel():
+                self._generator.set_state(state["rng_state"])
+            else:
+                self._generator.manual_seed(self.seed + self.calls)
+            self._pending_state = None
+        return self._generator
+
+    def get_extra_state(self) -> dict[str, Any]:
+        gen = self._generator
+        return {
+            "seed": self.seed,
+            "calls": self.calls,
+            "device_type": gen.device.type if gen is not None else "",
+            "rng_state": gen.get_state() if gen is not None else torch.zeros(0, dtype=torch.uint8),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.seed, self.calls = int(state["seed"]), int(state["calls"])
+        self._generator, self._pending_state = None, state
+
+    def _distinct(self, bound: Tensor, k: int, gen: torch.Generator) -> Tensor:
+        """[B, k] values, row b a uniform k-subset of [0, bound_b) (rows with bound_b < k: unspecified)."""
+        rows = bound.shape[0]
+        if self.dedupe_draws is not None:
+            draws = _uniform_below(bound[:, None], (rows, self.dedupe_draws), gen)
+            # First occurrences in draw order: a stable sort groups equal values, draw order within.
+            values, perm = draws.sort(dim=1, stable=True)
+            first = torch.ones_like(values, dtype=torch.bool)
+            first[:, 1:] = values[:, 1:] != values[:, :-1]
+            first = torch.empty_like(first).scatter_(1, perm, first)
+            position = torch.arange(draws.shape[1], device=draws.device)
+            rank = torch.where(first, position, position + draws.shape[1])
+            return draws.gather(1, rank.topk(k, dim=1, largest=False).indices)
+        width = int(self.class_order.numel())
+        keys = torch.rand((rows, width), generator=gen, device=bound.device, dtype=torch.float64)
+        keys = keys.masked_fill(torch.arange(width, device=bound.device) >= bound[:, None], 2.0)
+        return keys.topk(k, dim=1, largest=False).indices
+
+    def forward(self, index: Tensor, k: int, mode: str) -> Tensor:
+        """[B, k+1] dataset indices for the samples ``index``."""
+        gen = self._rng(index.device)
+        self.calls += 1
+        label = self.sample_class[index]
+        count, start = self.class_count[label], self.class_start[label]
+        num_negatives = self.class_order.numel() - count
+        rank = self._distinct(num_negatives, k, gen)
+        if self.some_need_replacement:  # RD: replace = k > len(cls_negative[target]), per sample
+            iid = _uniform_below(num_negatives[:, None], (index.shape[0], k), gen)
+            rank = torch.where((num_negatives < k)[:, None], iid, rank)
+        # Rank r among the negatives -> position in class-sorted order, skipping the sample's class block.
+        negatives = self.class_order[rank + count[:, None] * (rank >= start[:, None])]
+        if mode == "exact":
+            positive = index
+        else:
+            positive = self.class_order[start + _uniform_below(count, (index.shape[0],), gen)]
+        return torch.cat([positive[:, None], negatives], dim=1)
+
+
+def _l2_normalize(x: Tensor) -> Tensor:
+    return x / x.pow(2).sum(1, keepdim=True).sqrt()  # RD Normalize(2): no eps
+
+
+def nce_loss(probs: Tensor, num_data: int) -> Tensor:
+    """Paper Eq. 18 with noise P_n = 1/N: -(1/B)[Σ log P_0/(P_0 + K P_n) + Σ log K P_n/(P_k + K P_n)]."""
+    noise = (probs.shape[1] - 1) / num_data
+    log_pos = torch.log(probs[:, 0]) - torch.log(probs[:, 0] + noise + NCE_EPS)
+    log_neg = math.log(noise) - torch.log(probs[:, 1:] + noise + NCE_EPS)
+    return -(log_pos.sum() + log_neg.sum()) / probs.shape[0]
+
+
+@register_method("crd")
+class CRD(Distiller):
+    Config = CRDConfig
+    teacher_taps = ("pooled",)
+    student_taps = ("pooled",)
+    needs_sample_index = True
+
+    def build(self) -> None:
+        cfg = self.cfg
+        if cfg.mode not in MODES:
+            raise UserInputError(f"crd mode must be one of {sorted(MODES)}, got {cfg.mode!r}")
+        self.mode = MODES[cfg.mode]
+        student_dim, teacher_dim = self.probe_student().pooled.shape[1], self.probe_teacher().pooled.shape[1]
+        # Both embeddings are trainable (RD adds embed_s and embed_t to its optimiser).
+        self.embed_student = nn.Linear(student_dim, cfg.feat_dim)
+        self.embed_teacher = nn.Linear(teacher_dim, cfg.feat_dim)
+        # Banks of unit vectors keyed by dataset index (RD memory_v1 = student side, memory_v2 = teacher side).
+        self.register_buffer("memory_student", torch.zeros(0, cfg.feat_dim))
+        self.register_buffer("memory_teacher", torch.zeros(0, cfg.feat_dim))
+        # (Z_s, Z_t), RD params[2:4]: -1 = unset, fixed by the first batch, then frozen.
+        self.register_buffer("normalizer", torch.full((2,), -1.0))
+        self.sampler = ContrastSampler(seed=int(torch.randint(0, 2**62, ()).item()))
+        if cfg.num_data is not None:
+            self._init_memory(cfg.num_data)
+
+    def _init_memory(self, num_data: int) -> None:
+        # RD ContrastMemory: U(-a, a), a = 1/sqrt(feat_dim/3) (unit expected norm), student bank first.
+        device, dim = self.memory_student.device, self.cfg.feat_dim
+        stdv = 1.0 / math.sqrt(dim / 3)
+        self.memory_student = torch.rand(num_data, dim, device=device).mul_(2 * stdv).add_(-stdv)
+        self.memory_teacher = torch.rand(num_data, dim, device=device).mul_(2 * stdv).add_(-stdv)
+        self.normalizer.fill_(-1.0)
+
+    def bind_dataset(self, info: DatasetInfo) -> None:
+        if self.cfg.num_data is not None and self.cfg.num_data != info.num_samples:
+            raise UserInputError(f"crd num_data={self.cfg.num_data}, but the training set has {info.num_samples} samples")
+        if self.memory_student.shape[0] != info.num_samples:
+            self._init_memory(info.num_samples)
+        self.sampler.bind(info.targets, info.num_classes, self.cfg.nce_k, self.memory_student.device)
+
+    def _scores(self, memory: Tensor, contrast_index: Tensor, anchor: Tensor) -> Tensor:
+        """memory[contrast_index[b, k]] · anchor[b], shape [B, K+1]."""
+        if memory.shape[0] <= contrast_index.numel():
+            # One [N, B] product, then pick; the snapshot keeps the graph valid across the in-place
+            # memory update that follows in this same step.
+            return (memory.clone() @ anchor.T).gather(0, contrast_index.T).T
+        rows = memory[contrast_index]  # advanced indexing copies, as RD's index_select
+        return torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2)
+
+    def contrast_losses(self, student_pooled: Tensor, teacher_pooled: Tensor, index: Tensor,
+                        contrast_index: Tensor) -> tuple[Tensor, Tensor]:
+        """Unweighted (student-anchor, teacher-anchor) NCE losses; updates Z (first call) and both banks."""
+        cfg, num_data = self.cfg, self.memory_student.shape[0]
+        if num_data == 0:
+            raise UserInputError("crd needs the training-set size: pass num_data= or call bind_dataset()")
+        # exp(1/0.07) ~ 1.6e6 overflows fp16: embeddings, scores, loss and memory stay in fp32.
+        with torch.autocast(device_type=student_pooled.device.type, enabled=False):
+            v_s = _l2_normalize(self.embed_student(student_pooled.flatten(1).float()))
+            v_t = _l2_normalize(self.embed_teacher(teacher_pooled.flatten(1).float()))
+            # Each anchor is scored against the other side's bank (RD out_v1 / out_v2).
+            out_s = torch.exp(self._scores(self.memory_teacher.float(), contrast_index, v_s) / cfg.nce_t)
+            out_t = torch.exp(self._scores(self.memory_student.float(), contrast_index, v_t) / cfg.nce_t)
+            with torch.no_grad():  # Z = mean(exp) * N from the first batch only, a constant for the loss
+                first = torch.stack([out_s.mean(), out_t.mean()]) * num_data
+                self.normalizer.copy_(torch.where(self.normalizer < 0, first, self.normalizer))
+            z = self.normalizer.clone()
+            loss_s = nce_loss(out_s / z[0], num_data)
+            loss_t = nce_loss(out_t / z[1], num_data)
+            self._update_memory(index, v_s, v_t)
+        return loss_s, loss_t
+
+    @torch.no_grad()
+    def _update_memory(self, index: Tensor, v_s: Tensor, v_t: Tensor) -> None:
+        # RD: rows of the batch's own samples <- normalize(m * row + (1 - m) * v), after scoring.
+        m = self.cfg.nce_momentum
+        for bank, v in ((self.memory_student, v_s), (self.memory_teacher, v_t)):
+            rows = bank.index_select(0, index).float().mul_(m).add_(v.detach() * (1 - m))
+            bank.index_copy_(0, index, _l2_normalize(rows).to(bank.dtype))
+
+    def compute_losses(self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        assert teacher is not None and student.pooled is not None and teacher.pooled is not None
+        cfg = self.cfg
+        if batch.index is None:
+            raise UserInputError("crd needs the dataset index of every sample (Batch.index)")
+        index = batch.index.to(device=student.pooled.device, dtype=torch.long)
+        contrast_index = batch.extras.get("contrast_index")
+        if contrast_index is None:
+            if not self.sampler.bound:
+                raise UserInputError("crd draws its negatives from the dataset labels: call bind_dataset() first")
+            contrast_index = self.sampler(index, cfg.nce_k, self.mode)
+        losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        loss_s, loss_t = self.contrast_losses(student.pooled, teacher.pooled, index, contrast_index.to(index.device))
+        losses["loss_crd"] = cfg.feat_weight * (loss_s + loss_t)
+        return losses

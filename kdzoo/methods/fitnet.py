@@ -1,0 +1,126 @@
+"""FitNet — Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015, arXiv 1412.6550 (methods.md §3).
+
+Reference: RepDistiller ``distiller_zoo/FitNet.py`` (``HintLoss`` = MSE) with the ``models/util.py``
+``ConvReg`` regressor on the student's hint map. RepDistiller and mdistiller train in one stage; the
+paper's hint pre-training (stage 1: the student up to the hint layer plus the regressor, on the hint
+loss alone) is opt-in through ``hint_stage_epochs``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdzoo.errors import UserInputError
+from kdzoo.methods.base import Batch, Distiller, Progress, Stage
+from kdzoo.methods.losses import at_least_fp32, ce_and_kd
+from kdzoo.methods.registry import register_method
+from kdzoo.models.taps import Outputs, features
+
+
+@dataclass
+class FitNetConfig:
+    hint_layer: int = 2  # RD train_student.py --hint_layer 2 (MD FITNET.HINT_LAYER 2; SK uses 1)
+    feat_weight: float = 100.0  # RD scripts/run_cifar_distill.sh -b 100 (MD FITNET.LOSS.FEAT_WEIGHT 100)
+    ce_weight: float = 1.0  # RD -r 1 (MD FITNET.LOSS.CE_WEIGHT 1)
+    kd_weight: float = 0.0  # RD -a 0 (SK -d 1 adds KD)
+    temperature: float = 4.0  # RD --kd_T 4, used only when kd_weight > 0
+    # Paper §2.2 / TF port: hint pre-training before the main run (TF: 30% of the epochs). 0 = RD/MD single stage.
+    hint_stage_epochs: int = 0
+
+
+class ConvReg(nn.Module):
+    """RepDistiller ``models/util.py`` ``ConvReg``: maps a student map [C_s,H_s,W_s] to the teacher's
+    [C_t,H_t,W_t] with a conv chosen by the spatial ratio, then BatchNorm and (optionally) ReLU.
+    PyTorch default init, conv bias on, as the reference."""
+
+    def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int], use_relu: bool = True):
+        super().__init__()
+        _, s_channels, s_height, s_width = student_shape
+        _, t_channels, t_height, t_width = teacher_shape
+        if s_height == 2 * t_height:
+            self.conv: nn.Module = nn.Conv2d(s_channels, t_channels, kernel_size=3, stride=2, padding=1)
+        elif 2 * s_height == t_height:
+            self.conv = nn.ConvTranspose2d(s_channels, t_channels, kernel_size=4, stride=2, padding=1)
+        elif s_height >= t_height:
+            kernel = (1 + s_height - t_height, 1 + s_width - t_width)
+            self.conv = nn.Conv2d(s_channels, t_channels, kernel_size=kernel)
+        else:
+            raise UserInputError(
+                f"ConvReg cannot map a {s_height}x{s_width} student map to a {t_height}x{t_width} teacher map "
+                "(RepDistiller supports H_s = 2H_t, 2H_s = H_t or H_s >= H_t); choose another hint layer"
+            )
+        self.bn = nn.BatchNorm2d(t_channels)
+        self.use_relu = use_relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.bn(self.conv(x))
+        return F.relu(x) if self.use_relu else x
+
+
+@register_method("fitnet")
+class FitNet(Distiller):
+    Config = FitNetConfig
+    teacher_taps = ("feats",)
+    student_taps = ("feats",)
+
+    def build(self) -> None:
+        hint = self.cfg.hint_layer
+        student_feats, teacher_feats = self.probe_student().feats, self.probe_teacher().feats
+        if not (0 <= hint < min(len(student_feats), len(teacher_feats))):
+            raise UserInputError(
+                f"fitnet.hint_layer={hint} is out of range: student has {len(student_feats)} feature maps, "
+                f"teacher {len(teacher_feats)}"
+            )
+        self.regressor = ConvReg(student_feats[hint].shape, teacher_feats[hint].shape)
+
+    def stages(self) -> list[Stage]:
+        if self.cfg.hint_stage_epochs <= 0:
+            return [Stage()]
+        # Constant lr during hint training, as RepDistiller's own init phases (helper/pretrain.py).
+        hint = Stage("hint", epochs=self.cfg.hint_stage_epochs, trainable=("student", "regressor"), use_schedule=False)
+        return [hint, Stage()]
+
+    def trainable_parameters(self, stage: Stage) -> Iterator[nn.Parameter]:
+        if stage.name != "hint":
+            yield from super().trainable_parameters(stage)
+            return
+        # Paper stage 1 trains only the student layers the hint depends on (W_Guided) and the regressor.
+        yield from self.hint_trunk_parameters()
+        yield from (p for p in self.regressor.parameters() if p.requires_grad)
+
+    def hint_trunk_parameters(self) -> list[nn.Parameter]:
+        """Student parameters the hint map depends on, found from the autograd graph of one eval-mode
+        dry run (architecture-agnostic; eval mode leaves BatchNorm statistics untouched)."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            x = torch.zeros(2, *self.input_shape, device=params[0].device, dtype=params[0].dtype)
+            with torch.enable_grad():
+                hint = features(self.student, x, ("feats",)).feats[self.cfg.hint_layer]
+                grads = torch.autograd.grad(hint.sum(), params, allow_unused=True)
+        finally:
+            self.student.train(was_training)
+        return [p for p, g in zip(params, grads, strict=True) if g is not None]
+
+    def hint_loss(self, student: Outputs, teacher: Outputs) -> Tensor:
+        hint = self.cfg.hint_layer
+        regressed = self.regressor(student.feats[hint])
+        return F.mse_loss(at_least_fp32(regressed), at_least_fp32(teacher.feats[hint]))
+
+    def compute_losses(
+        self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
+    ) -> dict[str, Tensor]:
+        assert teacher is not None
+        cfg = self.cfg
+        loss_hint = cfg.feat_weight * self.hint_loss(student, teacher)
+        if progress.stage == "hint":
+            return {"loss_fitnet": loss_hint}
+        losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        losses["loss_fitnet"] = loss_hint
+        return losses

@@ -1,0 +1,65 @@
+"""NST — Huang & Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer",
+arXiv 1707.01219 (methods.md §5). Reference: RepDistiller ``distiller_zoo/NST.py`` ``NSTLoss``
+(polynomial kernel k(x, y) = (x^T y)^2, full MMD including the constant teacher-teacher term).
+
+The reference forms [B, C, C, HW] broadcast products; the kernel matrices here are Gram matrices of
+the channel-normalised maps computed with ``bmm`` ([B, C, C] only), the same sums in another order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.losses import at_least_fp32, autocast_off, ce_and_kd, pool_to_smaller
+from kdzoo.methods.registry import register_method
+from kdzoo.models.taps import Outputs
+
+
+@dataclass
+class NSTConfig:
+    feat_weight: float = 50.0  # RD scripts/run_cifar_distill.sh -b 50 (MD NST.LOSS.FEAT_WEIGHT 50)
+    ce_weight: float = 1.0  # RD -r 1 (MD NST.LOSS.CE_WEIGHT 1)
+    kd_weight: float = 0.0  # RD -a 0
+    temperature: float = 4.0  # RD --kd_T 4, used only when kd_weight > 0
+
+
+def poly_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
+    """mean over [B, C_a, C_b] of (a_i^T b_j)^2 for per-channel rows a [B, C_a, HW], b [B, C_b, HW]."""
+    return torch.bmm(a, b.transpose(1, 2)).pow(2).mean()
+
+
+def nst_stage_losses(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> list[Tensor]:
+    """Squared MMD (paper eq. 6, d = 2, c = 0) per stage pair; C_s may differ from C_t."""
+    losses = []
+    with autocast_off(student_feats[0]):
+        for f_s, f_t in zip(student_feats, teacher_feats, strict=False):
+            f_s, f_t = pool_to_smaller(at_least_fp32(f_s), at_least_fp32(f_t))
+            s = F.normalize(f_s.flatten(2), dim=2)
+            t = F.normalize(f_t.flatten(2), dim=2)
+            # The teacher-teacher term is a constant; kept so the logged value equals the reference's.
+            constant = poly_kernel_mean(t, t).detach()
+            losses.append(constant + poly_kernel_mean(s, s) - 2 * poly_kernel_mean(s, t))
+    return losses
+
+
+@register_method("nst")
+class NST(Distiller):
+    Config = NSTConfig
+    teacher_taps = ("feats",)
+    student_taps = ("feats",)
+
+    def compute_losses(
+        self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
+    ) -> dict[str, Tensor]:
+        assert teacher is not None
+        cfg = self.cfg
+        losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        # RD feat[1:-1]: every stage map after the stem.
+        losses["loss_nst"] = cfg.feat_weight * sum(nst_stage_losses(student.feats[1:], teacher.feats[1:]))
+        return losses

@@ -1,0 +1,103 @@
+"""OFD — Heo et al., "A Comprehensive Overhaul of Feature Distillation", ICCV 2019, arXiv 1904.01866
+(methods.md §8). Reference: mdistiller ``distillers/OFD.py`` (cross-checked against the official
+clovaai/overhaul-distillation ``distiller.py``). The teacher runs in train mode, as in both: its
+pre-ReLU features use batch statistics and its BatchNorm running statistics move every step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.losses import ce_and_kd
+from kdzoo.methods.registry import register_method
+from kdzoo.models.taps import Outputs, bn_before_relu
+
+
+@dataclass
+class OFDConfig:
+    ce_weight: float = 1.0  # MD configs/cifar100/ofd.yaml OFD.LOSS.CE_WEIGHT 1.0
+    kd_weight: float = 0.0  # MD's OFD adds no KD term
+    feat_weight: float = 1e-3  # MD OFD.LOSS.FEAT_WEIGHT 1e-3 (OD CIFAR: loss.sum()/B/1000); ImageNet 1e-4
+    temperature: float = 4.0  # KD temperature, used only when kd_weight > 0 (RD --kd_T 4)
+    connector_kernel_size: int = 1  # MD OFD.CONNECTOR.KERNEL_SIZE 1
+
+
+def margin_from_bn(bn: nn.BatchNorm2d) -> Tensor:
+    """Per-channel E[x | x < 0] for x ~ N(β, γ²) (paper Eq. 3), from the BN feeding the teacher's ReLU;
+    ``-3|γ|`` where P(x < 0) <= 1e-3. Computed in float64 (the reference uses Python floats and scipy),
+    returned as float32 like the reference's ``FloatTensor``."""
+    std = bn.weight.detach().double().abs()
+    mean = bn.bias.detach().double()
+    ratio = mean / std
+    cdf_neg = 0.5 * torch.erfc(ratio / math.sqrt(2.0))  # Φ(-m/s)
+    pdf = torch.exp(-0.5 * ratio**2) / math.sqrt(2.0 * math.pi)  # φ(m/s)
+    margin = torch.where(cdf_neg > 1e-3, mean - std * pdf / cdf_neg, -3.0 * std)
+    return margin.float()
+
+
+def partial_l2(student: Tensor, teacher: Tensor, margin: Tensor) -> Tensor:
+    """Paper Eq. 4 with the margin-ReLU target t' = max(t, margin): (s - t')² where s > t' or t' > 0,
+    summed over C,H,W and averaged over the batch. Equal to mdistiller's three-case ``feat_loss``
+    because every margin is <= 0."""
+    target = torch.maximum(teacher, margin.view(1, -1, 1, 1))
+    keep = (student > target) | (target > 0)
+    return torch.where(keep, (student - target).pow(2), 0.0).sum() / student.shape[0]
+
+
+@register_method("ofd")
+class OFD(Distiller):
+    Config = OFDConfig
+    teacher_taps = ("preact",)
+    student_taps = ("preact",)
+    teacher_train_mode = True
+
+    def build(self) -> None:
+        assert self.teacher is not None
+        student_maps, teacher_maps = self.probe_student().preact[1:], self.probe_teacher().preact[1:]
+        margins = [margin_from_bn(bn) for bn in bn_before_relu(self.teacher)]
+        # mdistiller keeps the last min(L_s, L_t) stages of each side (``_align_list``); the margins
+        # follow the teacher stages actually used.
+        self.num_stages = min(len(student_maps), len(teacher_maps))
+        student_channels = [f.shape[1] for f in student_maps[-self.num_stages:]]
+        teacher_channels = [f.shape[1] for f in teacher_maps[-self.num_stages:]]
+        k = self.cfg.connector_kernel_size
+        self.connectors = nn.ModuleList(self._connector(cs, ct, k) for cs, ct in zip(student_channels, teacher_channels))
+        # Buffers (mdistiller keeps a Python list): they follow .to(device) and land in checkpoints.
+        for i, margin in enumerate(margins[-self.num_stages:]):
+            self.register_buffer(f"margin{i}", margin)
+
+    @staticmethod
+    def _connector(student_channels: int, teacher_channels: int, kernel_size: int) -> nn.Sequential:
+        conv = nn.Conv2d(student_channels, teacher_channels, kernel_size, padding=(kernel_size - 1) // 2, bias=False)
+        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / (kernel_size * kernel_size * teacher_channels)))
+        return nn.Sequential(conv, nn.BatchNorm2d(teacher_channels))  # BN γ=1, β=0: PyTorch's default
+
+    @property
+    def margins(self) -> list[Tensor]:
+        return [getattr(self, f"margin{i}") for i in range(self.num_stages)]
+
+    def stage_losses(self, student_preact: list[Tensor], teacher_preact: list[Tensor]) -> list[Tensor]:
+        """Unweighted partial L2 of every distilled stage (mdistiller's ``feat_loss`` values)."""
+        n = self.num_stages
+        losses = []
+        for connector, margin, fs, ft in zip(self.connectors, self.margins, student_preact[-n:], teacher_preact[-n:]):
+            source = connector(fs).float()
+            if ft.shape[-2:] != source.shape[-2:]:
+                ft = F.adaptive_avg_pool2d(ft, source.shape[-2:])
+            losses.append(partial_l2(source, ft.float(), margin))
+        return losses
+
+    def compute_losses(self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        assert teacher is not None
+        cfg = self.cfg
+        losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        stage_terms = self.stage_losses(student.preact[1:], teacher.preact[1:])
+        n = len(stage_terms)
+        # Deeper stages weigh more: 1/2^(N-1-i) (last stage 1, then 1/2, 1/4).
+        losses["loss_ofd"] = cfg.feat_weight * sum(term / 2 ** (n - 1 - i) for i, term in enumerate(stage_terms))
+        return losses

@@ -1,0 +1,56 @@
+"""Method registry: ``@register_method`` on a Distiller subclass; ``create_distiller`` builds one."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from kdzoo.config.validate import suggest
+from kdzoo.errors import UserInputError
+from kdzoo.methods.base import Distiller
+
+METHODS: dict[str, type[Distiller]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
+    def wrap(cls: type[Distiller]) -> type[Distiller]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def _ensure_loaded() -> None:
+    import kdzoo.methods as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in ("base", "registry", "losses"):
+            importlib.import_module(f"kdzoo.methods.{info.name}")
+
+
+def method_class(name: str) -> type[Distiller]:
+    _ensure_loaded()
+    if name not in METHODS:
+        raise UserInputError(
+            f"unknown method {name!r}.{suggest(name, list(METHODS))} Available: {', '.join(sorted(METHODS))}."
+        )
+    return METHODS[name]
+
+
+def list_methods() -> dict[str, type[Distiller]]:
+    _ensure_loaded()
+    return dict(sorted(METHODS.items()))
+
+
+def create_distiller(
+    method: str, *, student: nn.Module, teacher: nn.Module | None = None, cfg: Any = None, **hparams: Any
+) -> Distiller:
+    """Build method ``method`` around ``student`` (and ``teacher``); hparams default to the reference."""
+    return method_class(method)(student, teacher, cfg, **hparams)

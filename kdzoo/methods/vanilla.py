@@ -1,0 +1,26 @@
+"""Cross-entropy baseline (methods.md §1): no teacher. Also the teacher-training method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.losses import cross_entropy
+from kdzoo.methods.registry import register_method
+from kdzoo.models.taps import Outputs
+
+
+@dataclass
+class VanillaConfig:
+    ce_weight: float = 1.0  # RD train_teacher.py / MD Vanilla: plain CE
+
+
+@register_method("vanilla")
+class Vanilla(Distiller):
+    Config = VanillaConfig
+    requires_teacher = False
+
+    def compute_losses(self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        return {"loss_ce": self.cfg.ce_weight * cross_entropy(student.logits, batch.target)}

@@ -1,0 +1,339 @@
+"""torchvision and timm models in the zoo: ``timm:<name>`` / ``torchvision:<name>`` and their feature taps.
+
+The tap positions follow models.md §5.2 ("Foreign models"):
+
+* torchvision ResNets: stem = out(``relu``) (the stem's own module; blocks have their own), stages =
+  out(``layerK``), pre = in(``layerK[-1].relu``) on its last call in the block (2nd call in a
+  ``BasicBlock``, 3rd in a ``Bottleneck``: the module is shared), pooled = in(``fc``).
+* torchvision MobileNetV2: the linear-bottleneck outputs that close each resolution (as RepDistiller's
+  CIFAR MobileNetV2 selects them), signed, no pre taps, pooled = in(``classifier``).
+* timm: post taps from ``model.feature_info`` (first entry = stem), pre taps for timm's ResNet family
+  (= in(last block's ``act2``/``act3``)), pooled = input of ``get_classifier()``.
+
+Anything else needs its taps named in the config (:func:`tap_spec_from_config`). Both libraries use
+in-place activations: a tap that reads the input of an in-place module is captured with
+``transform="clone"`` (the module would overwrite it right after the pre-hook ran); the model itself
+is left untouched.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from torch import nn
+
+from kdzoo.errors import UserInputError
+from kdzoo.models.taps import Tap, TapSpec
+
+FOREIGN_PREFIXES = ("timm:", "torchvision:")
+
+_TAP_CONFIG_HINT = (
+    "name the taps in the config, e.g. model.taps: {stem: act1, stages: [layer1, layer2, layer3, layer4], "
+    "stages_pre: ['in:layer4.1.act2'], pooled: 'in:fc', classifier: fc} (module paths as in "
+    "model.named_modules(); 'in:' reads a module's input, a '#k' suffix its k-th call)"
+)
+
+
+# --------------------------------------------------------------------------------------------------- creation
+
+
+def create_foreign_model(name: str, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
+    """Build ``timm:<name>`` or ``torchvision:<name>`` with random weights (``pretrained``/``weights`` off).
+
+    ``taps=<dict>`` attaches a custom :class:`TapSpec` (see :func:`tap_spec_from_config`); every other
+    keyword goes to ``timm.create_model`` / ``torchvision.models.get_model``.
+    """
+    prefix, _, arch = name.partition(":")
+    taps = kwargs.pop("taps", None)
+    if not arch:
+        raise UserInputError(f"model name {name!r} lacks the architecture after {prefix + ':'!r}")
+    if prefix == "timm":
+        model = _create_timm(arch, num_classes, kwargs)
+    elif prefix == "torchvision":
+        model = _create_torchvision(arch, num_classes, kwargs)
+    else:
+        raise UserInputError(f"unknown model prefix in {name!r}; expected one of {FOREIGN_PREFIXES}")
+    if taps is not None:
+        model.tap_spec = tap_spec_from_config(taps, model)  # type: ignore[assignment]
+    model.kdzoo_name = name  # type: ignore[assignment]
+    return model
+
+
+def _create_timm(arch: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
+    kwargs.setdefault("pretrained", False)
+    try:
+        return timm.create_model(arch, num_classes=num_classes, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" not in str(exc):
+            raise
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(repr('timm:' + c) for c in close)}?" if close else ""
+        raise UserInputError(f"timm has no model {arch!r}.{hint}") from exc
+
+
+def _create_torchvision(arch: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    known = torchvision.models.list_models()
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(repr('torchvision:' + c) for c in close)}?" if close else ""
+        raise UserInputError(f"torchvision has no model {arch!r}.{hint}")
+    kwargs.setdefault("weights", None)
+    return torchvision.models.get_model(arch, num_classes=num_classes, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------- default taps
+
+
+def default_tap_spec(model: nn.Module) -> TapSpec:
+    """Taps of a torchvision / timm model, or a clear error telling the user to name them."""
+    spec = _torchvision_spec(model) or _timm_spec(model)
+    if spec is None:
+        raise UserInputError(
+            f"kdzoo cannot derive feature taps (stem, stages, pooled) for {type(model).__module__}."
+            f"{type(model).__name__}: {_TAP_CONFIG_HINT}"
+        )
+    return safe_inplace(spec, model)
+
+
+def _torchvision_spec(model: nn.Module) -> TapSpec | None:
+    try:
+        from torchvision.models import MobileNetV2, ResNet
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return None
+    if isinstance(model, ResNet):
+        layers = [f"layer{i}" for i in (1, 2, 3, 4)]
+        pre: list[Tap] = []
+        bns: list[str] = []
+        for layer in layers:
+            stage = model.get_submodule(layer)
+            last = f"{layer}.{len(stage) - 1}"  # type: ignore[arg-type]
+            block = stage[-1]  # type: ignore[index]
+            # The block's `relu` is shared: called after bn1 (and bn2 in a Bottleneck), then after the add.
+            if isinstance(block, Bottleneck):
+                pre.append(Tap(f"{last}.relu", point="input", call=2))
+                bns.append(f"{last}.bn3")
+            elif isinstance(block, BasicBlock):
+                pre.append(Tap(f"{last}.relu", point="input", call=1))
+                bns.append(f"{last}.bn2")
+            else:
+                return None
+        return TapSpec(
+            stem=Tap("relu"),
+            stages=tuple(Tap(layer) for layer in layers),
+            stages_pre=tuple(pre),
+            pooled=Tap("fc", point="input"),
+            classifier="fc",
+            bn_before_relu=tuple(bns),
+        )
+    if isinstance(model, MobileNetV2):
+        features = model.features
+        # Last block of each resolution (24, 32, 96, 320 channels at width 1), like RepDistiller's CIFAR
+        # MobileNetV2 (blocks 1, 2, 4, 6 of its t/c/n/s table).
+        ends = _mobilenetv2_stage_ends(features)
+        if ends is None:
+            return None
+        return TapSpec(
+            stem=Tap("features.0"),
+            stages=tuple(Tap(f"features.{i}") for i in ends),
+            stages_pre=None,
+            pooled=Tap("classifier", point="input"),
+            classifier=f"classifier.{len(model.classifier) - 1}",
+            signed=True,
+        )
+    return None
+
+
+def _mobilenetv2_stage_ends(features: nn.Sequential) -> list[int] | None:
+    """Indices of the torchvision MobileNetV2 blocks that end the 24/32/96/320-channel groups."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    widths: list[int] = []
+    for block in features:
+        if isinstance(block, InvertedResidual):
+            widths.append(block.out_channels)
+        else:
+            widths.append(-1)
+    groups: list[int] = []  # index of the last block of each run of equal output widths
+    for i, w in enumerate(widths):
+        if w < 0:
+            continue
+        if i + 1 >= len(widths) or widths[i + 1] != w:
+            groups.append(i)
+    # groups = ends of the 16, 24, 32, 64, 96, 160, 320 runs
+    if len(groups) != 7:
+        return None
+    return [groups[i] for i in (1, 2, 4, 6)]
+
+
+def _timm_spec(model: nn.Module) -> TapSpec | None:
+    info = getattr(model, "feature_info", None)
+    get_classifier = getattr(model, "get_classifier", None)
+    if info is None or get_classifier is None:
+        return None
+    entries = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
+    modules = dict(model.named_modules())
+    paths = [_resolve_module_path(str(e["module"]), modules) for e in entries]
+    if len(paths) < 2 or any(p is None for p in paths):
+        return None
+    classifier = get_classifier()
+    classifier_path = next((n for n, m in model.named_modules() if m is classifier), None)
+    if classifier_path is None:
+        return None
+    stage_paths = [p for p in paths[1:] if p is not None]
+    pre, bns = _timm_resnet_pre(model, stage_paths)
+    return TapSpec(
+        stem=Tap(paths[0]),  # type: ignore[arg-type]
+        stages=tuple(Tap(p) for p in stage_paths),
+        stages_pre=pre,
+        pooled=Tap(classifier_path, point="input"),
+        classifier=classifier_path,
+        bn_before_relu=bns,
+    )
+
+
+def _resolve_module_path(name: str, modules: Mapping[str, nn.Module]) -> str | None:
+    if name in modules:
+        return name
+    dotted = name.replace("_", ".")  # some timm feature_info names are FX-style (``stages_0``)
+    return dotted if dotted in modules else None
+
+
+def _timm_resnet_pre(
+    model: nn.Module, stage_paths: Sequence[str]
+) -> tuple[tuple[Tap, ...] | None, tuple[str, ...] | None]:
+    """Pre-activation taps for timm's ResNet family: the input of the last block's final activation."""
+    try:
+        from timm.models.resnet import BasicBlock, Bottleneck
+    except ImportError:  # pragma: no cover - timm is optional at runtime
+        return None, None
+    pre: list[Tap] = []
+    bns: list[str] = []
+    has_se = False
+    for path in stage_paths:
+        stage = model.get_submodule(path)
+        if not isinstance(stage, nn.Sequential) or len(stage) == 0:
+            return None, None
+        last = f"{path}.{len(stage) - 1}"
+        block = stage[-1]
+        if isinstance(block, Bottleneck):
+            pre.append(Tap(f"{last}.act3", point="input"))
+            bns.append(f"{last}.bn3")
+        elif isinstance(block, BasicBlock):
+            pre.append(Tap(f"{last}.act2", point="input"))
+            bns.append(f"{last}.bn2")
+        else:
+            return None, None
+        # A squeeze-excitation sits between the BN and the add: then no BN produces the tap.
+        has_se = has_se or getattr(block, "se", None) is not None
+    return tuple(pre), (None if has_se else tuple(bns))
+
+
+# --------------------------------------------------------------------------------------------------- custom taps
+
+
+def safe_inplace(spec: TapSpec, model: nn.Module) -> TapSpec:
+    """Clone every tap that reads the input of an in-place module (it is overwritten right after)."""
+    modules = dict(model.named_modules())
+
+    def fix(tap: Tap) -> Tap:
+        module = modules.get(tap.module)
+        if tap.point == "input" and tap.transform is None and getattr(module, "inplace", False):
+            return replace(tap, transform="clone")
+        return tap
+
+    return replace(
+        spec,
+        stem=fix(spec.stem),
+        stages=tuple(fix(t) for t in spec.stages),
+        stages_pre=None if spec.stages_pre is None else tuple(fix(t) for t in spec.stages_pre),
+        pooled=fix(spec.pooled),
+    )
+
+
+def parse_tap(value: str | Mapping[str, Any], where: str = "tap") -> Tap:
+    """``"layer1"`` (output), ``"in:layer4.1.relu#1"`` (input, 2nd call) or a dict of :class:`Tap` fields."""
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"module", "point", "call", "index", "transform"}
+        if unknown or "module" not in value:
+            raise UserInputError(
+                f"{where}: a tap mapping needs 'module' and may have point/call/index/transform; got {sorted(value)}"
+            )
+        if value.get("point", "output") not in ("output", "input"):
+            raise UserInputError(f"{where}.point must be 'output' or 'input', got {value['point']!r}")
+        if value.get("transform") not in (None, "flatten", "relu", "clone"):
+            raise UserInputError(f"{where}.transform must be flatten, relu or clone, got {value['transform']!r}")
+        return Tap(**dict(value))
+    if not isinstance(value, str) or not value.strip():
+        raise UserInputError(f"{where}: expected a module path string or a mapping, got {value!r}")
+    text = value.strip()
+    point = "output"
+    for prefix, p in (("in:", "input"), ("out:", "output")):
+        if text.startswith(prefix):
+            text, point = text[len(prefix) :], p
+    call = 0
+    if "#" in text:
+        text, _, call_text = text.partition("#")
+        if not call_text.isdigit():
+            raise UserInputError(f"{where}: call index after '#' must be an integer, got {value!r}")
+        call = int(call_text)
+    return Tap(text, point=point, call=call)  # type: ignore[arg-type]
+
+
+def tap_spec_from_config(config: Mapping[str, Any], model: nn.Module | None = None) -> TapSpec:
+    """Build a :class:`TapSpec` from module paths: ``stem``, ``stages``, ``stages_pre``, ``pooled``, ``classifier``.
+
+    ``pooled`` defaults to the classifier's input. With ``model`` the paths are checked and
+    in-place inputs are captured safely.
+    """
+    allowed = {"stem", "stages", "stages_pre", "pooled", "classifier", "bn_before_relu", "signed"}
+    unknown = set(config) - allowed
+    if unknown:
+        raise UserInputError(f"taps: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    for key in ("stem", "stages", "classifier"):
+        if key not in config:
+            raise UserInputError(f"taps.{key} is required ({_TAP_CONFIG_HINT})")
+    stages_cfg = config["stages"]
+    if isinstance(stages_cfg, (str, Mapping)) or not stages_cfg:
+        raise UserInputError("taps.stages must be a non-empty list of taps")
+    stages = tuple(parse_tap(t, f"taps.stages[{i}]") for i, t in enumerate(stages_cfg))
+    stages_pre = None
+    if config.get("stages_pre") is not None:
+        pre_cfg = config["stages_pre"]
+        if isinstance(pre_cfg, (str, Mapping)) or len(pre_cfg) != len(stages):
+            raise UserInputError(f"taps.stages_pre must list one tap per stage ({len(stages)})")
+        stages_pre = tuple(parse_tap(t, f"taps.stages_pre[{i}]") for i, t in enumerate(pre_cfg))
+    classifier = config["classifier"]
+    if not isinstance(classifier, str):
+        raise UserInputError(f"taps.classifier must be a module path, got {classifier!r}")
+    pooled = parse_tap(config["pooled"], "taps.pooled") if config.get("pooled") else Tap(classifier, point="input")
+    bns = config.get("bn_before_relu")
+    spec = TapSpec(
+        stem=parse_tap(config["stem"], "taps.stem"),
+        stages=stages,
+        stages_pre=stages_pre,
+        pooled=pooled,
+        classifier=classifier,
+        bn_before_relu=None if bns is None else tuple(str(b) for b in bns),
+        signed=bool(config.get("signed", False)),
+    )
+    if model is None:
+        return spec
+    modules = dict(model.named_modules())
+    named = [("stem", spec.stem.module), ("pooled", spec.pooled.module), ("classifier", spec.classifier)]
+    named += [(f"stages[{i}]", t.module) for i, t in enumerate(spec.stages)]
+    named += [(f"stages_pre[{i}]", t.module) for i, t in enumerate(spec.stages_pre or ())]
+    named += [(f"bn_before_relu[{i}]", b) for i, b in enumerate(spec.bn_before_relu or ())]
+    for where, path in named:
+        if path not in modules:
+            close = difflib.get_close_matches(path, list(modules), n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise UserInputError(f"taps.{where}: {type(model).__name__} has no module {path!r}.{hint}")
+    return safe_inplace(spec, model)

@@ -1,0 +1,113 @@
+"""End-to-end training on small real data: metrics, exports, exact resume, guarded steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdzoo
+from kdzoo.config.loader import config_from_dict
+from kdzoo.engine import checkpoint_io
+from kdzoo.engine.run import run_training
+from kdzoo.engine.trainer import NonFiniteLossError
+from kdzoo.errors import UserInputError
+
+
+def _teacher_file(tmp_path: Path) -> str:
+    torch.manual_seed(123)
+    teacher = kdzoo.create_model("resnet8", num_classes=10)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": teacher.state_dict(), "epoch": 240}, path)  # RepDistiller's format
+    return str(path)
+
+
+def _cfg(tmp_path: Path, name: str, method: dict, epochs: int = 2, **runtime) -> object:
+    raw = {
+        "experiment": {"name": name, "output_dir": str(tmp_path / "runs"), "seed": 7},
+        "data": {"dataset": "mnist5k", "batch_size": 32, "subset": 192, "test_subset": 96, "test_batch_size": 48},
+        "student": {"name": "resnet8"},
+        "method": method,
+        "schedule": {"epochs": epochs, "milestones": [1]},
+        "runtime": {"device": "cpu", "progress": False, "tensorboard": False, "deterministic": True,
+                    "log_interval": 2, **runtime},
+    }
+    if method["name"] != "vanilla":
+        raw["teacher"] = {"name": "resnet8", "checkpoint": _teacher_file(tmp_path)}
+    return config_from_dict(raw)
+
+
+def _student_weights(run_dir: str, file: str = "student_last.pt") -> dict[str, torch.Tensor]:
+    return checkpoint_io.load_verified(Path(run_dir) / file)["model"]
+
+
+def _metrics(run_dir: str) -> list[str]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    # Wall-clock time is the one field that legitimately differs between runs.
+    return [line.split(', "epoch_time_s"')[0] + line.split(', "epoch_time_s"')[1].split(",", 1)[1] for line in lines]
+
+
+def test_kd_run_records_metrics_and_exports(tmp_path):
+    summary = run_training(_cfg(tmp_path, "kd", {"name": "kd"}))
+    run_dir = Path(summary["run_dir"])
+    records = [eval(line.replace("true", "True")) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert [r["lr"] for r in records] == pytest.approx([0.05, 0.005])  # decay after milestone epoch 1
+    assert {"train/loss_ce", "train/loss_kd", "top1", "top5", "loss"} <= set(records[0])
+    assert summary["last_top1"] == records[-1]["top1"]
+    assert summary["best_top1"] == max(r["top1"] for r in records)
+    assert (run_dir / "config.yaml").read_text().startswith("# kdzoo")
+    student = kdzoo.create_model("resnet8", num_classes=10)
+    student.load_state_dict(_student_weights(summary["run_dir"]))  # export loads into a bare model
+
+
+@pytest.mark.parametrize("kill_at", [3, 6, 9])
+def test_resume_is_bit_exact(tmp_path, kill_at):
+    """Stop after ``kill_at`` steps (mid-epoch, at an epoch boundary, late), resume, compare."""
+    reference = run_training(_cfg(tmp_path / "a", "r", {"name": "kd"}, checkpoint_interval=3))
+
+    cfg = _cfg(tmp_path / "b", "r", {"name": "kd"}, checkpoint_interval=3)
+    from kdzoo.engine import trainer as trainer_module
+
+    original = trainer_module.Trainer.train_step
+    calls = {"n": 0}
+
+    def crashing_step(self, batch, progress):
+        if calls["n"] == kill_at:
+            raise KeyboardInterrupt("simulated crash")
+        calls["n"] += 1
+        return original(self, batch, progress)
+
+    trainer_module.Trainer.train_step = crashing_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_training(cfg)
+    finally:
+        trainer_module.Trainer.train_step = original
+    resumed = run_training(cfg, resume="auto")
+    for name, value in _student_weights(reference["run_dir"]).items():
+        assert torch.equal(value, _student_weights(resumed["run_dir"])[name]), name
+    assert _metrics(reference["run_dir"]) == _metrics(resumed["run_dir"])
+
+
+def test_existing_run_needs_resume_and_corrupt_checkpoint_falls_back(tmp_path):
+    cfg = _cfg(tmp_path, "c", {"name": "vanilla"}, epochs=2)
+    summary = run_training(cfg)
+    with pytest.raises(UserInputError, match="already holds checkpoints"):
+        run_training(cfg)
+    refs = checkpoint_io.list_checkpoints(Path(summary["run_dir"]))
+    newest = refs[-1].path
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated by a crash or a bad copy
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        assert checkpoint_io.newest_valid(Path(summary["run_dir"])).path == refs[-2].path
+    with pytest.raises(UserInputError, match="checksum mismatch"):
+        run_training(cfg, resume=str(newest))
+
+
+def test_nonfinite_loss_stops_with_named_term(tmp_path):
+    cfg = _cfg(tmp_path, "nan", {"name": "vanilla"}, epochs=1)
+    cfg.optim.lr = 1e30  # diverges within a few steps
+    with pytest.raises(NonFiniteLossError, match=r"loss_ce.*epoch 1"):
+        run_training(cfg)
