@@ -66,9 +66,9 @@ def cmd_list(args: argparse.Namespace) -> int:
             doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
             print(f"{name:14s} {doc}")
     elif args.what == "models":
-        from kdzoo.models.registry import count_parameters, create_model, list_models
-
         import torch
+
+        from kdzoo.models.registry import count_parameters, create_model, list_models
 
         print(f"{'name':22s} {'family':9s} {'params (100 cls)':>16s}")
         for entry in list_models():
@@ -88,6 +88,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from kdzoo.demo import run_demo
 
     run_demo(output_dir=args.output_dir, epochs=args.epochs, teacher_epochs=args.teacher_epochs)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from kdzoo.bench import format_table, run_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = run_bench(args.teacher, args.student, args.batch_size, args.device,
+                        args.methods.split(",") if args.methods else None, args.warmup, args.steps)
+    command = "kdzoo bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "kdzoo bench"
+    header = (f"`{command}` — {args.teacher} -> {args.student}, batch {args.batch_size}, {args.device}, "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+              f"{platform.processor() or platform.machine()}")
+    print(format_table(results, header))
     return 0
 
 
@@ -114,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--teacher-epochs", type=int, default=None)
     demo.set_defaults(func=cmd_demo)
 
+    bench = sub.add_parser("bench", help="s/step of every method vs the compute floor")
+    bench.add_argument("--teacher", default="resnet32x4")
+    bench.add_argument("--student", default="resnet8x4")
+    bench.add_argument("--batch-size", type=int, default=64)
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--methods", default=None, help="comma-separated subset (default: all registered)")
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--steps", type=int, default=20)
+    bench.add_argument("--threads", type=int, default=None)
+    bench.set_defaults(func=cmd_bench)
+
     ls = sub.add_parser("list", help="what exists")
     ls.add_argument("what", choices=["methods", "models", "configs"])
     ls.set_defaults(func=cmd_list)
@@ -125,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserInputError as exc:
-        print(f"kdzoo: error: {exc}", file=sys.stderr)
+        # One paragraph: collapse whatever line breaks a wrapped library message carried.
+        print("kdzoo: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return EXIT_USER_ERROR
 
 

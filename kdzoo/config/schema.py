@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
 
 # OmegaConf resolves annotations at runtime: keep typing.Optional/Dict/List spellings it understands.
-from typing import Dict, List  # noqa: UP035
+from typing import Any  # noqa: UP035
 
 
 @dataclass
@@ -25,22 +24,22 @@ class DataConfig:
     batch_size: int = 64  # RD/MD/SK CIFAR recipe
     test_batch_size: int = 256
     num_workers: int = 2  # used by file-based datasets; in-memory ones need none
-    subset: Optional[int] = None  # only the first N training samples (quick runs)
-    test_subset: Optional[int] = None  # only the first N test samples
+    subset: int | None = None  # only the first N training samples (quick runs)
+    test_subset: int | None = None  # only the first N test samples
     augment: bool = True
     drop_last: bool = False
 
 
 @dataclass
 class TeacherConfig:
-    name: Optional[str] = None
-    checkpoint: Optional[str] = None
+    name: str | None = None
+    checkpoint: str | None = None
 
 
 @dataclass
 class StudentConfig:
     name: str = "resnet8x4"
-    checkpoint: Optional[str] = None  # optional initial weights
+    checkpoint: str | None = None  # optional initial weights
 
 
 @dataclass
@@ -56,7 +55,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     epochs: int = 240
-    milestones: List[int] = field(default_factory=lambda: [150, 180, 210])
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
     gamma: float = 0.1
 
 
@@ -68,7 +67,7 @@ class RuntimeConfig:
     deterministic: bool = False
     channels_last: bool = False
     compile: bool = False
-    threads: Optional[int] = None  # CPU intra-op threads
+    threads: int | None = None  # CPU intra-op threads
     log_interval: int = 50  # steps between host reads of the losses
     checkpoint_interval: int = 0  # mid-epoch checkpoint every N steps (0 = end of epoch only)
     keep_last: int = 2
@@ -85,7 +84,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     # name + the method's own hyper-parameters, validated against the method's config dataclass.
-    method: Dict[str, Any] = field(default_factory=lambda: {"name": "vanilla"})
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "vanilla"})
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

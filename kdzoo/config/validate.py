@@ -65,5 +65,5 @@ def merge_into_schema(schema: type[T], overrides: Any, path: str = "") -> T:
 
 def _describe(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
-    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
     return f"{key}: {msg}" if key else msg

@@ -88,7 +88,9 @@ def load_mnist5k(cfg: Any) -> TensorSource:
     train_idx, test_idx = torch.nonzero(~test_mask).flatten(), torch.nonzero(test_mask).flatten()
     mean, std = MNIST5K_MEAN * 3, MNIST5K_STD * 3
     augment = CropFlip(2, flip=False) if cfg.augment else None  # flips would turn digits into other glyphs
-    return TensorSource(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], 10, mean, std, augment)
+    return TensorSource(
+        images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], 10, mean, std, augment
+    )
 
 
 DATASETS: dict[str, Callable[[Any], TensorSource]] = {

@@ -9,7 +9,9 @@ import torch
 from kdzoo.config.schema import OptimConfig, ScheduleConfig
 
 
-def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    param_groups: list[dict[str, Any]], cfg: OptimConfig, lr: float | None = None
+) -> torch.optim.Optimizer:
     lr = cfg.lr if lr is None else lr
     if cfg.name == "dot":
         from kdzoo.engine.dot import DistillationOrientedSGD

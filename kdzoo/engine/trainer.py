@@ -266,10 +266,10 @@ class Trainer:
         total = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
-        if self.cfg.runtime.nonfinite == "skip":
-            # Skipping needs the verdict before the update: one host read per step, by choice.
-            if not bool(torch.isfinite(total)) or not self._grads_finite():
-                return {k: v.detach() for k, v in losses.items() if torch.isfinite(v)}
+        # Skipping needs the verdict before the update: one host read per step, by choice.
+        skip = self.cfg.runtime.nonfinite == "skip"
+        if skip and (not bool(torch.isfinite(total)) or not self._grads_finite()):
+            return {k: v.detach() for k, v in losses.items() if torch.isfinite(v)}
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return losses

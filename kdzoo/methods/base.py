@@ -224,7 +224,9 @@ class Distiller(nn.Module):
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("teacher.")]
         if missing or unexpected:
-            raise UserInputError(f"{self.name} checkpoint does not fit: missing {missing[:8]}, unexpected {unexpected[:8]}")
+            raise UserInputError(
+                f"{self.name} checkpoint does not fit: missing {missing[:8]}, unexpected {unexpected[:8]}"
+            )
 
 
 def build_method_config(cls: type[Distiller], cfg: Any, hparams: dict[str, Any]) -> Any:

@@ -146,9 +146,8 @@ class ContrastSampler(nn.Module):
             rank = torch.where((num_negatives < k)[:, None], iid, rank)
         # Rank r among the negatives -> position in class-sorted order, skipping the sample's class block.
         negatives = self.class_order[rank + count[:, None] * (rank >= start[:, None])]
-        if mode == "exact":
-            positive = index
-        else:
+        positive = index
+        if mode == "relax":  # a random sample of the anchor's class (RD mode='relax')
             positive = self.class_order[start + _uniform_below(count, (index.shape[0],), gen)]
         return torch.cat([positive[:, None], negatives], dim=1)
 
@@ -186,9 +185,10 @@ class CRD(Distiller):
         self.register_buffer("memory_teacher", torch.zeros(0, cfg.feat_dim))
         # (Z_s, Z_t), RD params[2:4]: -1 = unset, fixed by the first batch, then frozen.
         self.register_buffer("normalizer", torch.full((2,), -1.0))
-        self.sampler = ContrastSampler(seed=int(torch.randint(0, 2**62, ()).item()))
         if cfg.num_data is not None:
             self._init_memory(cfg.num_data)
+        # Seeded from the global generator after RD's construction order (embeddings, then banks).
+        self.sampler = ContrastSampler(seed=int(torch.randint(0, 2**62, ()).item()))
 
     def _init_memory(self, num_data: int) -> None:
         # RD ContrastMemory: U(-a, a), a = 1/sqrt(feat_dim/3) (unit expected norm), student bank first.
@@ -200,7 +200,9 @@ class CRD(Distiller):
 
     def bind_dataset(self, info: DatasetInfo) -> None:
         if self.cfg.num_data is not None and self.cfg.num_data != info.num_samples:
-            raise UserInputError(f"crd num_data={self.cfg.num_data}, but the training set has {info.num_samples} samples")
+            raise UserInputError(
+                f"crd num_data={self.cfg.num_data}, but the training set has {info.num_samples} samples"
+            )
         if self.memory_student.shape[0] != info.num_samples:
             self._init_memory(info.num_samples)
         self.sampler.bind(info.targets, info.num_classes, self.cfg.nce_k, self.memory_student.device)
@@ -244,7 +246,9 @@ class CRD(Distiller):
             rows = bank.index_select(0, index).float().mul_(m).add_(v.detach() * (1 - m))
             bank.index_copy_(0, index, _l2_normalize(rows).to(bank.dtype))
 
-    def compute_losses(self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+    def compute_losses(
+        self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
+    ) -> dict[str, Tensor]:
         assert teacher is not None and student.pooled is not None and teacher.pooled is not None
         cfg = self.cfg
         if batch.index is None:

@@ -31,7 +31,9 @@ def _kl_rows(log_p_teacher: Tensor, log_p_student: Tensor) -> Tensor:
     return torch.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), 0.0).sum(dim=1)
 
 
-def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def dkd_terms(
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
     """Raw (TCKD, NCKD), both with the T^2 factor and the batch mean."""
     z_s = student_logits.float() / temperature
     z_t = teacher_logits.float() / temperature
@@ -55,7 +57,9 @@ def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, te
 class DKD(Distiller):
     Config = DKDConfig
 
-    def compute_losses(self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+    def compute_losses(
+        self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
+    ) -> dict[str, Tensor]:
         assert teacher is not None
         cfg = self.cfg
         tckd, nckd = dkd_terms(student.logits, teacher.logits, batch.target, cfg.temperature)

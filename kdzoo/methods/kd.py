@@ -24,7 +24,9 @@ class KDConfig:
 class KD(Distiller):
     Config = KDConfig
 
-    def compute_losses(self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+    def compute_losses(
+        self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
+    ) -> dict[str, Tensor]:
         assert teacher is not None
         cfg = self.cfg
         return ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)

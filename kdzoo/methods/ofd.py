@@ -66,7 +66,9 @@ class OFD(Distiller):
         student_channels = [f.shape[1] for f in student_maps[-self.num_stages:]]
         teacher_channels = [f.shape[1] for f in teacher_maps[-self.num_stages:]]
         k = self.cfg.connector_kernel_size
-        self.connectors = nn.ModuleList(self._connector(cs, ct, k) for cs, ct in zip(student_channels, teacher_channels))
+        self.connectors = nn.ModuleList(
+            self._connector(cs, ct, k) for cs, ct in zip(student_channels, teacher_channels, strict=True)
+        )
         # Buffers (mdistiller keeps a Python list): they follow .to(device) and land in checkpoints.
         for i, margin in enumerate(margins[-self.num_stages:]):
             self.register_buffer(f"margin{i}", margin)
@@ -85,14 +87,17 @@ class OFD(Distiller):
         """Unweighted partial L2 of every distilled stage (mdistiller's ``feat_loss`` values)."""
         n = self.num_stages
         losses = []
-        for connector, margin, fs, ft in zip(self.connectors, self.margins, student_preact[-n:], teacher_preact[-n:]):
+        pairs = zip(self.connectors, self.margins, student_preact[-n:], teacher_preact[-n:], strict=True)
+        for connector, margin, fs, ft in pairs:
             source = connector(fs).float()
             if ft.shape[-2:] != source.shape[-2:]:
                 ft = F.adaptive_avg_pool2d(ft, source.shape[-2:])
             losses.append(partial_l2(source, ft.float(), margin))
         return losses
 
-    def compute_losses(self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+    def compute_losses(
+        self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
+    ) -> dict[str, Tensor]:
         assert teacher is not None
         cfg = self.cfg
         losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)

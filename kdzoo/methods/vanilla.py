@@ -22,5 +22,7 @@ class Vanilla(Distiller):
     Config = VanillaConfig
     requires_teacher = False
 
-    def compute_losses(self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+    def compute_losses(
+        self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
+    ) -> dict[str, Tensor]:
         return {"loss_ce": self.cfg.ce_weight * cross_entropy(student.logits, batch.target)}

@@ -71,16 +71,19 @@ class VID(Distiller):
     def build(self) -> None:
         cfg = self.cfg
         # RepDistiller zips feats[1:] of both sides: the first min(L_s, L_t) stages; mid = C_t.
-        pairs = zip(self.probe_student().feats[1:], self.probe_teacher().feats[1:])
+        pairs = zip(self.probe_student().feats[1:], self.probe_teacher().feats[1:], strict=False)
         self.regressors = nn.ModuleList(
             VIDStage(fs.shape[1], ft.shape[1], ft.shape[1], cfg.init_pred_var, cfg.eps) for fs, ft in pairs
         )
 
     def stage_losses(self, student_feats: list[Tensor], teacher_feats: list[Tensor]) -> list[Tensor]:
         """Unweighted negative log-likelihood of every distilled stage (RepDistiller's ``loss_group``)."""
-        return [stage(fs, ft) for stage, fs, ft in zip(self.regressors, student_feats[1:], teacher_feats[1:])]
+        pairs = zip(self.regressors, student_feats[1:], teacher_feats[1:], strict=False)
+        return [stage(fs, ft) for stage, fs, ft in pairs]
 
-    def compute_losses(self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+    def compute_losses(
+        self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
+    ) -> dict[str, Tensor]:
         assert teacher is not None
         cfg = self.cfg
         losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)

@@ -27,9 +27,16 @@ def golden_distiller(common, ref):
     """The golden setup: N = 256, K = 64, the reference's embeddings, banks and params (Z unset)."""
     teacher, student = build_pair(common)
     crd = ref["crd"]
+    torch.manual_seed(0)  # the reference built its extra modules right after this seed
     distiller = kdzoo.create_distiller("crd", teacher=teacher, student=student, num_data=crd["n_data"],
                                        nce_k=crd["nce_k"])
     sd = ref["extra_state_dict"]
+    # Same seed, same construction order (embeddings, then banks) and init: the reference's tensors
+    # exactly (weights after its fp16 rounding).
+    names = [name for name, _ in ref["extra_param_order"]] + ["contrast.memory_v1", "contrast.memory_v2"]
+    tensors = [*distiller.extra_parameters(), distiller.memory_student, distiller.memory_teacher]
+    for name, tensor in zip(names, tensors, strict=True):
+        assert torch.equal(tensor.detach().to(sd[name].dtype), sd[name]), name
     with torch.no_grad():
         for p, (name, shape) in zip(distiller.extra_parameters(), ref["extra_param_order"], strict=True):
             assert list(p.shape) == shape, name
@@ -121,8 +128,8 @@ def test_crd_anchor_terms_match_repdistiller(golden_common, crd_ref):
 
 
 def test_crd_scores_paths_agree():
-    distiller = kdzoo.create_distiller("crd", teacher=kdzoo.create_model("resnet8"), student=kdzoo.create_model("resnet8"),
-                                       num_data=40)
+    small = {"teacher": kdzoo.create_model("resnet8"), "student": kdzoo.create_model("resnet8")}
+    distiller = kdzoo.create_distiller("crd", **small, num_data=40)
     torch.manual_seed(0)
     memory, anchor = torch.randn(40, 128), torch.randn(3, 128)
     for k in (2, 30):  # 3*(k+1) < 40: gathered rows; >= 40: one [N, B] product
@@ -190,8 +197,8 @@ def test_sampler_with_replacement_when_k_exceeds_negatives():
 
 def test_crd_checkpoint_restores_banks_and_sampler():
     def make():
-        return kdzoo.create_distiller("crd", teacher=kdzoo.create_model("resnet8"), student=kdzoo.create_model("resnet8"),
-                                      nce_k=16)
+        small = {"teacher": kdzoo.create_model("resnet8"), "student": kdzoo.create_model("resnet8")}
+        return kdzoo.create_distiller("crd", **small, nce_k=16)
 
     info = DatasetInfo(num_samples=64, num_classes=4, targets=_labels(64, 4))
     first = make()

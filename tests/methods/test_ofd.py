@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,15 +29,27 @@ def ofd_ref(golden_dir):
 @pytest.fixture(scope="module")
 def ofd_step(golden_common, ofd_ref):
     teacher, student = build_pair(golden_common)
+    torch.manual_seed(0)  # the reference built its extra modules right after this seed
     distiller = kdzoo.create_distiller("ofd", teacher=teacher, student=student)
     margins_before_step = [m.clone() for m in distiller.margins]
+    order = [name for name, _ in ofd_ref["extra_param_order"] + ofd_ref["extra_buffer_order"]]
+    tensors = [*distiller.connectors.parameters(), *distiller.connectors.buffers()]
+    initial = {name: t.detach().clone() for name, t in zip(order, tensors, strict=True)}
     load_extra_by_order(distiller.connectors, ofd_ref)
     losses, total = run_step(distiller, golden_common)
-    return distiller, losses, total, margins_before_step
+    return SimpleNamespace(distiller=distiller, losses=losses, total=total, initial=initial,
+                           margins_before_step=margins_before_step)
+
+
+def test_ofd_seeded_init_is_the_reference_init(ofd_step, ofd_ref):
+    # Same seed, same construction order and init: the reference's weights exactly (after its fp16 rounding).
+    initial = ofd_step.initial
+    for name, expected in ofd_ref["extra_state_dict"].items():
+        assert torch.equal(initial[name].to(expected.dtype), expected), name
 
 
 def test_ofd_losses_match_mdistiller(ofd_step, ofd_ref):
-    _, losses, total, _ = ofd_step
+    losses, total = ofd_step.losses, ofd_step.total
     assert set(losses) == {"loss_ce", "loss_ofd"}
     raw, weights = ofd_ref["losses"], ofd_ref["loss_weights"]
     assert_loss(losses["loss_ce"], weights["loss_ce"] * raw["loss_ce"])
@@ -46,9 +59,9 @@ def test_ofd_losses_match_mdistiller(ofd_step, ofd_ref):
 
 
 def test_ofd_margins_match_mdistiller(ofd_step, ofd_ref):
-    distiller, _, _, margins_before_step = ofd_step
+    distiller, margins_before_step = ofd_step.distiller, ofd_step.margins_before_step
     assert len(distiller.margins) == len(ofd_ref["margins"]) == 3
-    for ours, expected in zip(margins_before_step, ofd_ref["margins"]):
+    for ours, expected in zip(margins_before_step, ofd_ref["margins"], strict=True):
         torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)
     assert all((m <= 0).all() for m in distiller.margins)
     # Buffers: they follow .to(device) and are saved with the method state.
@@ -56,14 +69,14 @@ def test_ofd_margins_match_mdistiller(ofd_step, ofd_ref):
 
 
 def test_ofd_gradients_match_mdistiller(ofd_step, ofd_ref):
-    distiller, _, _, _ = ofd_step
+    distiller = ofd_step.distiller
     assert_student_grads(distiller.student, ofd_ref)
     names = [name for name, _ in ofd_ref["extra_param_order"]]
-    assert_extra_grads(dict(zip(names, distiller.connectors.parameters())), ofd_ref)
+    assert_extra_grads(dict(zip(names, distiller.connectors.parameters(), strict=True)), ofd_ref)
 
 
 def test_ofd_teacher_bn_statistics_move_like_mdistiller(ofd_step, ofd_ref):
-    distiller, _, _, _ = ofd_step
+    distiller = ofd_step.distiller
     assert distiller.teacher.training  # train-mode teacher (batch statistics), no gradients
     assert not any(p.requires_grad for p in distiller.teacher.parameters())
     teacher_state = distiller.teacher.state_dict()
@@ -72,7 +85,7 @@ def test_ofd_teacher_bn_statistics_move_like_mdistiller(ofd_step, ofd_ref):
 
 
 def test_ofd_stage_terms_match_mdistiller(ofd_step, ofd_ref, golden_common):
-    distiller, _, _, _ = ofd_step
+    distiller = ofd_step.distiller
     # This extra train-mode forward moves the teacher's running statistics: restore them afterwards.
     teacher_buffers = {name: b.clone() for name, b in distiller.teacher.named_buffers()}
     with torch.no_grad():
@@ -113,7 +126,7 @@ def test_ofd_defaults_and_connector_init():
     assert (cfg.ce_weight, cfg.kd_weight, cfg.feat_weight, cfg.connector_kernel_size) == (1.0, 0.0, 1e-3, 1)
     assert type(distiller).teacher_train_mode
     assert distiller.num_extra_parameters() == 86_912  # golden README: 9 parameters, 86,912 values
-    for connector, channels in zip(distiller.connectors, (64, 128, 256)):
+    for connector, channels in zip(distiller.connectors, (64, 128, 256), strict=True):
         conv, bn = connector
         assert conv.weight.shape == (channels, channels, 1, 1) and conv.bias is None
         # N(0, sqrt(2 / (k*k*C_t))) (methods.md §8)

@@ -66,7 +66,7 @@ def test_semckd_matches_reference(golden_common, semckd_ref):
 
 
 def test_semckd_needs_the_configured_batch_size(golden_common):
-    teacher, student = build_pair(golden_common)
+    teacher, student = kdzoo.create_model("resnet8"), kdzoo.create_model("resnet8")
     distiller = kdzoo.create_distiller("semckd", teacher=teacher, student=student, batch_size=8)
     assert type(distiller).needs_fixed_batch_size
     distiller.train()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,15 +22,25 @@ def vid_ref(golden_dir):
 @pytest.fixture(scope="module")
 def vid_step(golden_common, vid_ref):
     teacher, student = build_pair(golden_common)
+    torch.manual_seed(0)  # the reference built its extra modules right after this seed
     distiller = kdzoo.create_distiller("vid", teacher=teacher, student=student)
+    initial = {name: t.detach().clone() for name, t in distiller.regressors.state_dict().items()}
     # Same attribute names as RepDistiller's ModuleList of VIDLoss: its state_dict loads as is.
     distiller.regressors.load_state_dict(vid_ref["extra_state_dict"])
     losses, total = run_step(distiller, golden_common)
-    return distiller, losses, total
+    return SimpleNamespace(distiller=distiller, losses=losses, total=total, initial=initial)
+
+
+def test_vid_seeded_init_is_the_reference_init(vid_step, vid_ref):
+    # Same seed, same construction order and init: the reference's weights exactly (after its fp16 rounding).
+    initial = vid_step.initial
+    assert set(initial) == set(vid_ref["extra_state_dict"])
+    for name, expected in vid_ref["extra_state_dict"].items():
+        assert torch.equal(initial[name].to(expected.dtype), expected), name
 
 
 def test_vid_losses_match_repdistiller(vid_step, vid_ref):
-    _, losses, total = vid_step
+    losses, total = vid_step.losses, vid_step.total
     assert set(losses) == {"loss_ce", "loss_vid"}
     raw, weights = vid_ref["losses"], vid_ref["loss_weights"]
     assert_loss(losses["loss_ce"], weights["loss_cls"] * raw["loss_cls"])
@@ -37,7 +49,7 @@ def test_vid_losses_match_repdistiller(vid_step, vid_ref):
 
 
 def test_vid_gradients_match_repdistiller(vid_step, vid_ref):
-    distiller, _, _ = vid_step
+    distiller = vid_step.distiller
     assert_student_grads(distiller.student, vid_ref)
     # log_scale is trained (RepDistiller), so it must receive its gradient too.
     assert_extra_grads(dict(distiller.regressors.named_parameters()), vid_ref)
@@ -45,13 +57,13 @@ def test_vid_gradients_match_repdistiller(vid_step, vid_ref):
 
 
 def test_vid_stage_terms_match_repdistiller(vid_step, vid_ref, golden_common):
-    distiller, _, _ = vid_step
+    distiller = vid_step.distiller
     with torch.no_grad():
         teacher_out = distiller.teacher_forward(Batch(golden_common["images"], golden_common["labels"]))
         student_out = distiller.student_extractor(golden_common["images"])
         terms = distiller.stage_losses(student_out.feats, teacher_out.feats)
     assert len(terms) == len(vid_ref["loss_terms"]["loss_kd"]) == 3
-    for actual, expected in zip(terms, vid_ref["loss_terms"]["loss_kd"]):
+    for actual, expected in zip(terms, vid_ref["loss_terms"]["loss_kd"], strict=True):
         assert_loss(actual, expected)
 
 
@@ -62,7 +74,7 @@ def test_vid_defaults_and_init():
     assert (cfg.ce_weight, cfg.kd_weight, cfg.feat_weight, cfg.init_pred_var, cfg.eps) == (1.0, 0.0, 1.0, 5.0, 1e-5)
     assert len(distiller.regressors) == 3
     assert distiller.num_extra_parameters() == 258_496  # golden README: 12 parameters, 258,496 values
-    for stage, channels in zip(distiller.regressors, (64, 128, 256)):
+    for stage, channels in zip(distiller.regressors, (64, 128, 256), strict=True):
         # σ² = softplus(log_scale) + eps = init_pred_var at step 0 (methods.md §10)
         torch.testing.assert_close(F.softplus(stage.log_scale) + 1e-5, torch.full((channels,), 5.0))
         convs = [m for m in stage.regressor if isinstance(m, torch.nn.Conv2d)]

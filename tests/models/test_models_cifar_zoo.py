@@ -141,7 +141,7 @@ def test_golden_eval_outputs(golden_name: str, load_golden, load_manifest) -> No
         torch.testing.assert_close(mean, ref[f"{prefix}_mean"], rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(rms, ref[f"{prefix}_rms"], rtol=1e-5, atol=1e-9)
     # Which maps change with preact=True in the reference (the stem never does; MobileNetV2 none).
-    differs = [int(not torch.equal(a, b)) for a, b in zip(out.preact, out.feats, strict=False)]
+    differs = [int(not torch.equal(a, b)) for a, b in zip(out.preact, out.feats, strict=True)]
     assert differs == load_manifest(golden["model"])["preact_differs_from_feats"][:-1]
     _check_post_pre_relation(golden["model"], model, out.feats, out.preact)
 
@@ -151,7 +151,7 @@ def _check_post_pre_relation(
 ) -> None:
     """models.md §3.4: post == relu(pre) (ResNet, VGG, ShuffleV1), shuffle(relu(pre)) (ShuffleV2),
     pre == BN(post) (WRN), signed post == pre (MobileNetV2)."""
-    for i, (post, pre) in enumerate(zip(feats[1:], preact[1:], strict=False), start=1):
+    for i, (post, pre) in enumerate(zip(feats[1:], preact[1:], strict=True), start=1):
         if name == "ShuffleV2":
             n, c, h, w = pre.shape
             expected = F.relu(pre).view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
@@ -232,7 +232,7 @@ def test_resnetv2_pre_taps_are_residual_sums(randomize) -> None:
     model = randomize(create_model("ResNet18", num_classes=10)).eval()
     with torch.no_grad():
         out = features(model, torch.randn(1, 3, 32, 32))
-    for post, pre in zip(out.feats[1:], out.preact[1:], strict=False):
+    for post, pre in zip(out.feats[1:], out.preact[1:], strict=True):
         assert (pre < 0).any() and torch.equal(post, F.relu(pre))
 
 
@@ -288,7 +288,7 @@ def test_pyramidnet110_runs_on_cpu_with_taps(randomize) -> None:
     assert [tuple(f.shape[1:]) for f in out.feats] == [(16, 32, 32), (44, 32, 32), (72, 16, 16), (100, 8, 8)]
     assert [tuple(f.shape[1:]) for f in out.preact] == [(16, 32, 32), (44, 32, 32), (72, 16, 16), (100, 8, 8)]
     # OFD's preReLU features: the next unit's first BN applied to the stage output.
-    for post, pre, bn in zip(out.feats[1:], out.preact[1:], bn_before_relu(model), strict=False):
+    for post, pre, bn in zip(out.feats[1:], out.preact[1:], bn_before_relu(model), strict=True):
         assert torch.equal(bn(post), pre)
     assert tuple(out.pooled.shape) == (1, 100)
 
@@ -299,7 +299,7 @@ def test_pyramidnet_bottleneck_pre_taps_and_padding_dtype(randomize) -> None:
     with torch.no_grad():
         out = features(model, torch.randn(2, 3, 32, 32, dtype=torch.float64))
         assert out.logits.dtype == torch.float64
-        for stage, (post, pre) in enumerate(zip(out.feats[1:3], out.preact[1:3], strict=False), start=2):
+        for stage, (post, pre) in enumerate(zip(out.feats[1:3], out.preact[1:3], strict=True), start=2):
             block = model.get_submodule(f"layer{stage}.0")
             assert torch.equal(block.bn2(block.conv1(block.bn1(post))), pre)  # OFD's extract_feature
         torch.testing.assert_close(out.preact[3], model.bn_final(out.feats[3]))

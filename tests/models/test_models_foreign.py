@@ -55,7 +55,7 @@ def test_timm_resnet18_outputs(randomize) -> None:
     torch.testing.assert_close(out.logits, logits)
     torch.testing.assert_close(model.get_classifier()(out.pooled), logits)
     # Pre taps read the input of the in-place act2: captured before it is overwritten.
-    for post, pre in zip(out.feats[1:], out.preact[1:], strict=False):
+    for post, pre in zip(out.feats[1:], out.preact[1:], strict=True):
         assert (pre < 0).any() and torch.equal(post, F.relu(pre))
     assert [type(m).__name__ for m in bn_before_relu(model)] == ["BatchNorm2d"] * 4
 
@@ -97,7 +97,7 @@ def test_torchvision_resnet18_outputs(name: str, randomize) -> None:
     assert tuple(out.pooled.shape) == (2, 512)
     # The shared `relu` runs twice per BasicBlock: its 2nd call's input is the residual sum, cloned
     # before the in-place ReLU overwrites it.
-    for post, pre in zip(out.feats[1:], out.preact[1:], strict=False):
+    for post, pre in zip(out.feats[1:], out.preact[1:], strict=True):
         assert (pre < 0).any() and torch.equal(post, F.relu(pre))
     assert _train_step_counts(model, torch.randn(2, 3, 32, 32)) == {1}
 
@@ -110,7 +110,7 @@ def test_torchvision_bottleneck_pre_tap_uses_third_relu_call(randomize) -> None:
     with torch.no_grad():
         out = features(model, torch.randn(1, 3, 32, 32))
     assert [f.shape[1] for f in out.preact] == [64, 256, 512, 1024, 2048]
-    for post, pre in zip(out.feats[1:], out.preact[1:], strict=False):
+    for post, pre in zip(out.feats[1:], out.preact[1:], strict=True):
         assert (pre < 0).any() and torch.equal(post, F.relu(pre))
 
 
@@ -162,7 +162,7 @@ def test_mobilenetv1_taps(randomize) -> None:
     ]
     assert tuple(out.pooled.shape) == (1, 1024)
     # mdistiller: pre = BN outputs of blocks 3/5/11/13, post = relu(pre).
-    for post, pre in zip(out.feats[1:], out.preact[1:], strict=False):
+    for post, pre in zip(out.feats[1:], out.preact[1:], strict=True):
         assert (pre < 0).any() and torch.equal(post, F.relu(pre))
     assert get_tap_spec(model).bn_before_relu == ("model.3.4", "model.5.4", "model.11.4", "model.13.4")
     with pytest.raises(ValueError, match="224x224"):

@@ -95,7 +95,7 @@ class ResNetV2(nn.Module):
             for m in self.modules():
                 if isinstance(m, (BasicBlockV2, BottleneckV2)):
                     nn.init.constant_(getattr(m, m.last_bn).weight, 0)
-        last = [f"layer{i}.{n - 1}" for i, n in zip((1, 2, 3, 4), num_blocks, strict=False)]
+        last = [f"layer{i}.{n - 1}" for i, n in zip((1, 2, 3, 4), num_blocks, strict=True)]
         self.tap_spec = TapSpec(
             stem=Tap("layer1", point="input"),  # the stem's ReLU is functional (reference)
             stages=tuple(Tap(f"layer{i}") for i in (1, 2, 3, 4)),

@@ -67,7 +67,9 @@ class ShuffleNetV1(nn.Module):
         self.tap_spec = TapSpec(
             stem=Tap("layer1", point="input"),  # the stem's ReLU is functional (reference)
             stages=tuple(Tap(f"layer{i}") for i in (1, 2, 3)),
-            stages_pre=tuple(Tap(f"layer{i}.{n - 1}.out_act", point="input") for i, n in zip((1, 2, 3), num_blocks, strict=False)),
+            stages_pre=tuple(
+                Tap(f"layer{i}.{n - 1}.out_act", point="input") for i, n in zip((1, 2, 3), num_blocks, strict=True)
+            ),
             pooled=Tap("linear", point="input"),
             classifier="linear",
         )

@@ -107,7 +107,7 @@ class ShuffleNetV2(nn.Module):
             stem=Tap("layer1", point="input"),  # the stem's ReLU is functional (reference)
             stages=tuple(Tap(f"layer{i}") for i in (1, 2, 3)),
             # layerK = [down block, n basic blocks]: the last basic block sits at index n
-            stages_pre=tuple(Tap(f"layer{i}.{n}.preact") for i, n in zip((1, 2, 3), num_blocks, strict=False)),
+            stages_pre=tuple(Tap(f"layer{i}.{n}.preact") for i, n in zip((1, 2, 3), num_blocks, strict=True)),
             pooled=Tap("linear", point="input"),
             classifier="linear",
         )

@@ -1,0 +1,149 @@
+"""``kdzoo bench``: seconds per training step of every method against the compute floor.
+
+The floor is what no distillation method can avoid: the teacher's forward under ``no_grad`` plus
+the student's forward, backward and SGD step on the same batch. Every method's full step (teacher
+forward, student forward with its taps, the method's losses, backward through student and extra
+modules, SGD step) is timed on the same batch in the same process, so the ratio is meaningful on
+any machine. Median of ``steps`` timed steps after ``warmup`` untimed ones.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kdzoo.methods.base import Batch, DatasetInfo, Distiller, Progress
+from kdzoo.methods.registry import create_distiller, list_methods
+from kdzoo.models.registry import create_model
+
+
+@dataclass
+class Timing:
+    name: str
+    median: float
+    low: float
+    high: float
+    extra_params: int = 0
+    peak_mb: float | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is the process high-water mark (KiB on Linux): monotone, so it bounds, not isolates.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _summary(name: str, times: list[float], device: torch.device, extra: int = 0) -> Timing:
+    return Timing(name, statistics.median(times), min(times), max(times), extra, _peak_mb(device))
+
+
+def run_bench(
+    teacher_name: str = "resnet32x4",
+    student_name: str = "resnet8x4",
+    batch_size: int = 64,
+    device_name: str = "cpu",
+    methods: list[str] | None = None,
+    warmup: int = 3,
+    steps: int = 20,
+    num_classes: int = 100,
+) -> list[Timing]:
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    images = torch.randn(batch_size, 3, 32, 32, device=device)
+    target = torch.randint(0, num_classes, (batch_size,), device=device)
+    index = torch.randint(0, 50000, (batch_size,), device=device)
+    teacher = create_model(teacher_name, num_classes=num_classes).to(device).eval().requires_grad_(False)
+    results = []
+
+    student = create_model(student_name, num_classes=num_classes).to(device)
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def floor_step(with_teacher: bool) -> Callable[[], None]:
+        def step() -> None:
+            if with_teacher:
+                with torch.no_grad():
+                    teacher(images)
+            loss = F.cross_entropy(student(images), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    results.append(_summary("floor (teacher fwd + student step)", time_steps(floor_step(True), device, warmup, steps),
+                            device))
+    results.append(_summary("student only", time_steps(floor_step(False), device, warmup, steps), device))
+
+    for name in methods or list(list_methods()):
+        distiller = _build(name, teacher, student_name, num_classes, device)
+        if distiller is None:
+            continue
+        params = [p for g in distiller.param_groups(distiller.stages()[-1]) for p in g["params"]]
+        method_opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+        batch = Batch(images, target, index, {})
+        progress = Progress(epoch=30, epochs=240, stage=distiller.stages()[-1].name)
+
+        def method_step(d: Distiller = distiller, o: torch.optim.Optimizer = method_opt, b: Batch = batch,
+                        p: Progress = progress) -> None:
+            _, losses = d.training_step(b, p)
+            o.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            o.step()
+
+        distiller.train()
+        times = time_steps(method_step, device, warmup, steps)
+        results.append(_summary(name, times, device, distiller.num_extra_parameters()))
+        del distiller, method_opt
+        gc.collect()
+    return results
+
+
+def _build(name: str, teacher: torch.nn.Module, student_name: str, num_classes: int,
+           device: torch.device) -> Distiller | None:
+    student = create_model(student_name, num_classes=num_classes).to(device)
+    try:
+        cls = list_methods()[name]
+        distiller = create_distiller(name, student=student, teacher=teacher if cls.requires_teacher else None)
+    except Exception as exc:  # a method that cannot run on this pair is reported, not fatal
+        print(f"# {name}: skipped ({exc})", file=sys.stderr)
+        return None
+    distiller.bind_dataset(DatasetInfo(50000, num_classes, torch.randint(0, num_classes, (50000,))))
+    return distiller.to(device)
+
+
+def format_table(results: list[Timing], header: str) -> str:
+    floor = results[0].median
+    lines = [header, "", "| step | s/step (median) | min | max | × floor | extra params | peak MB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-"
+        lines.append(f"| {r.name} | {r.median:.4f} | {r.low:.4f} | {r.high:.4f} | {r.median / floor:.2f} | "
+                     f"{r.extra_params:,} | {peak} |")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""The command line: exit code 2 with a one-paragraph message and nothing written for bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdzoo
+from kdzoo.cli import main
+from tests.conftest import REPO_ROOT
+
+KD_RECIPE = str(REPO_ROOT / "configs" / "cifar100" / "kd" / "resnet32x4_resnet8x4.yaml")
+
+
+def _teacher(tmp_path: Path, arch: str = "resnet8", classes: int = 100) -> str:
+    path = tmp_path / f"{arch}_teacher.pth"
+    torch.save({"model": kdzoo.create_model(arch, num_classes=classes).state_dict(), "epoch": 240}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["optim.lrr=0.1"], "unknown config key 'optim.lrr'. Did you mean 'lr'?"),
+        (["runtime.amp=maybe"], "runtime.amp"),
+        (["method.name=fitnett"], "unknown method 'fitnett'"),
+        (["student.name=resnet9"], "unknown model 'resnet9'"),
+        (["data.dataset=cifar1000"], "unknown dataset 'cifar1000'"),
+        (["teacher.checkpoint=MISSING.pth"], "teacher checkpoint MISSING.pth does not exist"),
+        (["data.root=NO_SUCH_DIR"], "cifar100 not found"),
+        (["runtime.device=cuda:7"], "runtime.device=cuda:7"),
+    ],
+)
+def test_train_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, data_root, extra, message):
+    out = tmp_path / "runs"
+    code = main(["train", KD_RECIPE, f"data.root={data_root}", f"experiment.output_dir={out}", *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and err.startswith("kdzoo: error:") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_mismatched_teacher_checkpoint_exits_2(tmp_path, capsys, data_root):
+    out = tmp_path / "runs"
+    ckpt = _teacher(tmp_path, "resnet20")  # a resnet20 file given for a resnet32x4 teacher
+    code = main(["train", KD_RECIPE, f"data.root={data_root}", f"experiment.output_dir={out}",
+                 f"teacher.checkpoint={ckpt}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "resnet20" in err
+    assert not out.exists()
+
+
+def test_train_then_eval_on_cifar100(tmp_path, capsys, data_root):
+    out = tmp_path / "runs"
+    code = main(["train", KD_RECIPE, f"data.root={data_root}", f"experiment.output_dir={out}",
+                 "schedule.epochs=1", "data.subset=256", "data.test_subset=256", "teacher.name=resnet8",
+                 f"teacher.checkpoint={_teacher(tmp_path)}", "student.name=resnet8", "runtime.progress=false"])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    run_dir = out / "kd_resnet32x4_resnet8x4"
+    assert f"run directory: {run_dir}" in printed
+    code = main(["eval", "--model", "resnet8", "--checkpoint", str(run_dir / "student_last.pt"),
+                 f"data.root={data_root}", "data.test_subset=256"])
+    assert code == 0
+    line = capsys.readouterr().out
+    import json
+
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"top-1 {last['top1']:.2f}" in line and f"top-5 {last['top5']:.2f}" in line
+
+
+def test_list(capsys):
+    assert main(["list", "methods"]) == 0
+    methods = capsys.readouterr().out
+    assert "kd " in methods and "dkd " in methods and "vanilla " in methods
+    assert main(["list", "models"]) == 0
+    models = capsys.readouterr().out
+    assert "resnet32x4" in models and "7,433,860" in models
+    assert main(["list", "configs"]) == 0
+    assert "configs/cifar100/kd/resnet32x4_resnet8x4.yaml" in capsys.readouterr().out

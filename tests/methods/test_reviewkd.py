@@ -1,0 +1,98 @@
+"""ReviewKD against mdistiller's fixture (CIFAR config: weight 5, warm-up 20 with 1-based epochs), per-level
+HCL terms, ABF initialisation, heterogeneous pairs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kdzoo
+from kdzoo.methods.base import Batch, Progress
+from kdzoo.methods.reviewkd import hcl_terms
+from tests.methods.golden_step import assert_extra_grads, assert_loss, assert_student_grads, build_pair, load_extra_by_order, run_step
+
+
+@pytest.fixture(scope="module")
+def reviewkd_ref(golden_dir):
+    return torch.load(golden_dir / "methods" / "reviewkd.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def golden_distiller(golden_common, reviewkd_ref):
+    teacher, student = build_pair(golden_common)
+    distiller = kdzoo.create_distiller("reviewkd", teacher=teacher, student=student)
+    # Same module tree as mdistiller (abfs.0 = deepest level): names and registration order agree.
+    assert [n for n, _ in distiller.abfs.named_parameters(prefix="abfs")] == [n for n, _ in reviewkd_ref["extra_param_order"]]
+    load_extra_by_order(distiller.abfs, reviewkd_ref)
+    return distiller
+
+
+@pytest.mark.parametrize("epoch", ["1", "10", "20", "21"])
+def test_losses_follow_warmup(golden_common, reviewkd_ref, golden_distiller, epoch):
+    # Every step runs in train mode (batch statistics), so repeating it on the same weights is exact.
+    losses, total = run_step(golden_distiller, golden_common, epoch=int(epoch))
+    ref = reviewkd_ref["by_epoch"][epoch]
+    assert set(losses) == {"loss_ce", "loss_reviewkd"}
+    assert_loss(losses["loss_ce"], ref["loss_weights"]["loss_ce"] * ref["losses"]["loss_ce"])
+    assert_loss(losses["loss_reviewkd"], ref["loss_weights"]["loss_hcl"] * ref["losses"]["loss_hcl"])
+    assert_loss(losses["loss_reviewkd"], ref["reference_loss_dict"]["loss_kd"])
+    assert_loss(total, ref["total"])
+    if epoch == "20":
+        assert_student_grads(golden_distiller.student, reviewkd_ref)
+        assert_extra_grads(dict(golden_distiller.named_parameters()), reviewkd_ref)
+
+
+def test_per_level_hcl_terms(golden_common, reviewkd_ref, golden_distiller):
+    distiller = golden_distiller
+    distiller.train()
+    images = golden_common["images"]
+    with torch.no_grad():
+        teacher_levels = distiller.teacher_levels(distiller.teacher_extractor(images))
+        student_levels = distiller.student_levels(distiller.student_extractor(images), len(teacher_levels))
+        outputs = distiller.review(student_levels, [t.shape[-2:] for t in teacher_levels])
+    assert [tuple(o.shape[1:]) for o in outputs] == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (256, 1, 1)]
+    for term, expected in zip(hcl_terms(outputs, teacher_levels), reviewkd_ref["loss_terms"]["loss_hcl"], strict=True):
+        assert_loss(term, expected)
+    assert_loss(sum(reviewkd_ref["loss_terms"]["loss_hcl"]), reviewkd_ref["losses"]["loss_hcl"])
+
+
+def test_reference_defaults_and_init():
+    torch.manual_seed(0)
+    distiller = kdzoo.create_distiller(
+        "reviewkd", teacher=kdzoo.create_model("resnet32x4"), student=kdzoo.create_model("resnet8x4"))
+    cfg = distiller.cfg
+    assert (cfg.reviewkd_weight, cfg.warmup_epochs, cfg.max_mid_channel, cfg.student_preact, cfg.ce_weight) == (
+        5.0, 20, 512, False, 1.0)
+    assert distiller.num_extra_parameters() == 1_808_774  # the fixture's count (mid width min(512, 256))
+    assert [abf.att_conv is None for abf in distiller.abfs] == [True, False, False, False]
+    for abf in distiller.abfs:
+        for conv in (abf.conv1[0], abf.conv2[0]):  # kaiming_uniform_(a=1): U(+-sqrt(3 / fan_in))
+            fan_in = conv.weight[0].numel()
+            bound = math.sqrt(3.0 / fan_in)
+            assert conv.weight.abs().max() <= bound
+            assert abs(conv.weight.std().item() - bound / math.sqrt(3)) < 0.05 * bound / math.sqrt(3)
+        torch.testing.assert_close(abf.conv1[1].weight, torch.ones_like(abf.conv1[1].weight))
+
+
+@pytest.mark.parametrize("pair", [("vgg13", "vgg8"), ("wrn_40_2", "wrn_16_2"), ("resnet32x4", "ShuffleV2")])
+def test_heterogeneous_pairs(pair):
+    if not set(pair) <= {e.name for e in kdzoo.models.list_models()}:
+        pytest.skip("model zoo not ready")
+    torch.manual_seed(0)
+    teacher, student = kdzoo.create_model(pair[0]), kdzoo.create_model(pair[1])
+    distiller = kdzoo.create_distiller("reviewkd", teacher=teacher, student=student)
+    distiller.train()
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
+    _, losses = distiller.training_step(Batch(images, labels), Progress(epoch=1))
+    assert set(losses) == {"loss_ce", "loss_reviewkd"} and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for name, p in [*student.named_parameters(), *distiller.abfs.named_parameters()]:
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # One ABF per teacher level (stages + pooled), each mapping to the teacher's width.
+    with torch.no_grad():
+        teacher_levels = distiller.teacher_levels(distiller.teacher_extractor(images))
+    assert [abf.conv2[0].out_channels for abf in distiller.abfs][::-1] == [t.shape[1] for t in teacher_levels]
+    if pair[1] == "ShuffleV2":  # mid width min(512, 1024): MD's hard-coded cap
+        assert distiller.abfs[0].conv1[0].out_channels == 512
