@@ -99,7 +99,10 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.distiller, device_ids=ids)
+            # Multi-stage methods leave some parameters without gradients in their early stages.
+            self.model = DistributedDataParallel(
+                self.distiller, device_ids=ids, find_unused_parameters=len(self.stages) > 1
+            )
         if self.cfg.runtime.compile:
             self._compile()
         self.optimizer = self._build_optimizer(self.stages[0])
