@@ -41,19 +41,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kdzoo.config.loader import config_from_dict, deep_merge, parse_overrides
     from kdzoo.data.datasets import build_data
     from kdzoo.engine.runtime import resolve_device
-    from kdzoo.engine.setup import build_model, load_weights
+    from kdzoo.engine.setup import load_model_for_eval
     from kdzoo.engine.trainer import evaluate
 
-    raw = deep_merge({"student": {"name": args.model}}, parse_overrides(args.overrides))
+    raw = deep_merge({"student": {"name": args.model or "resnet8"}}, parse_overrides(args.overrides))
     cfg = config_from_dict(raw)
     device = resolve_device(cfg.runtime.device)
     data = build_data(cfg.data, seed=cfg.experiment.seed, device=device)
-    model = build_model(args.model, data.num_classes, data.input_shape)
-    load_weights(model, args.checkpoint, "model")
+    model = load_model_for_eval(args.model, args.checkpoint, data.num_classes, data.input_shape)
     model.to(device)
     with torch.no_grad():
         metrics = evaluate(model, data.test)
-    print(f"{args.model} on {cfg.data.dataset} test: top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  "
+    print(f"{args.model or args.checkpoint} on {cfg.data.dataset} test: "
+          f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  "
           f"loss {metrics['loss']:.4f}")
     return 0
 
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="top-1/top-5/loss of a checkpoint on the test split")
-    ev.add_argument("--model", required=True)
+    ev.add_argument("--model", default=None, help="architecture (not needed for kdzoo exports that record it)")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("overrides", nargs="*", help="e.g. data.root=../shared/data data.dataset=cifar100")
     ev.set_defaults(func=cmd_eval)

@@ -40,6 +40,36 @@ def load_weights(model: nn.Module, path: str, role: str) -> dict:
     return load_checkpoint(model, path)
 
 
+def load_model_for_eval(
+    name: str | None, path: str, num_classes: int, input_shape: tuple[int, ...]
+) -> nn.Module:
+    """A deployable network from a checkpoint: a plain architecture, or the composite a method exported
+    (SimKD: student backbone + projector + teacher classifier), rebuilt from what the export recorded."""
+    from kdzoo.engine.checkpoint_io import load_verified
+
+    if not Path(path).is_file():
+        raise UserInputError(f"checkpoint {path} does not exist")
+    composite = None
+    if Path(path + ".sha256").is_file():
+        payload = load_verified(path)
+        if payload.get("format") == "kdzoo-model":
+            composite = payload.get("composite")
+            name = name or payload.get("model_name")
+    if composite is None:
+        if name is None:
+            raise UserInputError(f"{path} does not record its architecture: pass --model NAME")
+        model = build_model(name, num_classes, input_shape)
+        load_weights(model, path, "model")
+        return model
+    student = build_model(composite["student_name"], num_classes, input_shape)
+    teacher = build_model(composite["teacher_name"], num_classes, input_shape)
+    method = method_class(composite["method"])
+    distiller = method(student, teacher, composite["method_config"], input_shape=input_shape)
+    model = distiller.export_student()
+    model.load_state_dict(payload["model"])
+    return model
+
+
 def build_model(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
     entry = model_entry(name)
     if entry is not None and entry.family == "cifar" and tuple(input_shape[1:]) != (entry.input_size,) * 2:

@@ -101,7 +101,9 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # Multi-stage methods leave some parameters without gradients in their early stages.
             self.model = DistributedDataParallel(
-                self.distiller, device_ids=ids, find_unused_parameters=len(self.stages) > 1
+                self.distiller,
+                device_ids=ids,
+                find_unused_parameters=len(self.stages) > 1 or self.distiller.leaves_parameters_unused,
             )
         if self.cfg.runtime.compile:
             self._compile()
@@ -173,6 +175,13 @@ class Trainer:
             "model": model.state_dict(),
             "metrics": metrics,
         }
+        if self.distiller.exports_composite:
+            payload["composite"] = {
+                "method": self.distiller.name,
+                "method_config": dataclasses.asdict(self.distiller.cfg),
+                "student_name": self.cfg.student.name,
+                "teacher_name": self.cfg.teacher.name,
+            }
         checkpoint_io.save_checkpoint(payload, self.run_dir / name)
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -254,6 +263,10 @@ class Trainer:
     def train_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         if self.cfg.runtime.channels_last:
             batch.image = batch.image.contiguous(memory_format=torch.channels_last)
+        if self.distiller.performs_own_updates:
+            with autocast(self.device, self.amp, self.amp_dtype):
+                _, losses = self.distiller.update_step(batch, progress, self._apply_update)
+            return losses
         with autocast(self.device, self.amp, self.amp_dtype):
             _, losses = self.model(batch, progress)
         if not losses:
@@ -276,6 +289,12 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return losses
+
+    def _apply_update(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def _grads_finite(self) -> bool:
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]

@@ -11,7 +11,7 @@ trainer must treat differently per method is one of these declarations, never a 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -83,6 +83,8 @@ class Distiller(nn.Module):
     needs_sample_index: ClassVar[bool] = False
     # SemCKD needs every batch to have the same size.
     needs_fixed_batch_size: ClassVar[bool] = False
+    # SimKD never uses the student's own head: DDP must be told some parameters get no gradient.
+    leaves_parameters_unused: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -127,6 +129,25 @@ class Distiller(nn.Module):
     def export_student(self) -> nn.Module:
         """The network deployed after training (SimKD overrides: backbone + projector + teacher fc)."""
         return self.student
+
+    @property
+    def exports_composite(self) -> bool:
+        """True when the deployed network is more than the student architecture (SimKD): the export then
+        records how to rebuild it (method, its config, teacher and student names)."""
+        return type(self).export_student is not Distiller.export_student
+
+    @property
+    def performs_own_updates(self) -> bool:
+        """True when one training step is several optimiser updates (DML's alternating variant): the
+        trainer then calls :meth:`update_step` instead of summing the losses and stepping once."""
+        return False
+
+    def update_step(
+        self, batch: Batch, progress: Progress, apply_update: Callable[[Tensor], None]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One training step made of several updates; ``apply_update(loss)`` zeroes the gradients,
+        back-propagates ``loss`` and steps the optimiser."""
+        raise NotImplementedError
 
     def param_groups(self, stage: Stage) -> list[dict[str, Any]]:
         """Optimiser parameter groups for a stage; the references apply one weight decay to all."""

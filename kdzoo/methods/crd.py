@@ -119,15 +119,16 @@ class ContrastSampler(nn.Module):
         """[B, k] values, row b a uniform k-subset of [0, bound_b) (rows with bound_b < k: unspecified)."""
         rows = bound.shape[0]
         if self.dedupe_draws is not None:
-            draws = _uniform_below(bound[:, None], (rows, self.dedupe_draws), gen)
-            # First occurrences in draw order: a stable sort groups equal values, draw order within.
+            length = self.dedupe_draws
+            draws = _uniform_below(bound[:, None], (rows, length), gen)
+            # A stable sort groups equal values and keeps draw order within a group, so the first of
+            # each group is that value's first occurrence; ``perm`` holds its draw position.
             values, perm = draws.sort(dim=1, stable=True)
-            first = torch.ones_like(values, dtype=torch.bool)
-            first[:, 1:] = values[:, 1:] != values[:, :-1]
-            first = torch.empty_like(first).scatter_(1, perm, first)
-            position = torch.arange(draws.shape[1], device=draws.device)
-            rank = torch.where(first, position, position + draws.shape[1])
-            return draws.gather(1, rank.topk(k, dim=1, largest=False).indices)
+            is_first = torch.ones_like(values, dtype=torch.bool)
+            is_first[:, 1:] = values[:, 1:] != values[:, :-1]
+            # The k earliest first occurrences (repeats ranked behind all of them).
+            earliest = torch.where(is_first, perm, perm + length).topk(k, dim=1, largest=False).values % length
+            return draws.gather(1, earliest)
         width = int(self.class_order.numel())
         keys = torch.rand((rows, width), generator=gen, device=bound.device, dtype=torch.float64)
         keys = keys.masked_fill(torch.arange(width, device=bound.device) >= bound[:, None], 2.0)

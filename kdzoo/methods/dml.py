@@ -13,7 +13,7 @@ counted with the method). ``update``:
   gradient of its own objective.
 * ``alternating`` (paper Algorithm 1): networks are stepped one after the other, each against the *updated*
   predictions of those stepped before it. This needs one optimiser step per network inside a training step:
-  a trainer calls :meth:`DML.alternating_step` with a callback that back-propagates and steps
+  a trainer calls :meth:`DML.update_step` with a callback that back-propagates and steps
   (``performs_own_updates`` tells it to).
 
 A teacher, if given, is ignored (DML is teacher-free; ``requires_teacher = False``).
@@ -86,7 +86,7 @@ class DML(Distiller):
 
     @property
     def performs_own_updates(self) -> bool:
-        """True when the trainer must call :meth:`alternating_step` instead of summing and stepping once."""
+        """True when the trainer must call :meth:`update_step` instead of summing and stepping once."""
         return self.cfg.update == "alternating"
 
     def evaluation_models(self) -> dict[str, nn.Module]:
@@ -110,14 +110,14 @@ class DML(Distiller):
     def compute_losses(self, student: Outputs, teacher: Outputs | None, batch: Batch,
                        progress: Progress) -> dict[str, Tensor]:
         if self.performs_own_updates:
-            raise RuntimeError("dml with update=alternating is trained through alternating_step()")
+            raise RuntimeError("dml with update=alternating is trained through update_step()")
         logits = [student.logits, *(peer(batch.image) for peer in self.peers)]
         losses: dict[str, Tensor] = {}
         for k, z in enumerate(logits):
             losses.update(self.network_losses(k, z, logits[:k] + logits[k + 1:], batch.target))
         return losses
 
-    def alternating_step(self, batch: Batch, progress: Progress,
+    def update_step(self, batch: Batch, progress: Progress,
                          apply_update: Callable[[Tensor], None]) -> tuple[Tensor, dict[str, Tensor]]:
         """Paper Algorithm 1: for each network in turn, ``apply_update(its total)`` (the trainer zeroes the
         gradients with ``set_to_none=True``, back-propagates and steps, so only that network moves), then the

@@ -60,6 +60,11 @@ class OFD(Distiller):
         assert self.teacher is not None
         student_maps, teacher_maps = self.probe_student().preact[1:], self.probe_teacher().preact[1:]
         margins = [margin_from_bn(bn) for bn in bn_before_relu(self.teacher)]
+        if [m.numel() for m in margins] != [f.shape[1] for f in teacher_maps]:
+            raise ValueError(
+                f"{type(self.teacher).__name__}: bn_before_relu channels {[m.numel() for m in margins]} do not match "
+                f"its pre-activation stages {[f.shape[1] for f in teacher_maps]}"
+            )
         # mdistiller keeps the last min(L_s, L_t) stages of each side (``_align_list``); the margins
         # follow the teacher stages actually used.
         self.num_stages = min(len(student_maps), len(teacher_maps))

@@ -9,6 +9,7 @@ classifies the projected features. Projector and teacher classifier stay in the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -62,6 +63,11 @@ class SimKDStudent(nn.Module):
         self.size_ratio = size_ratio
         self._extractor = extractor if extractor is not None else FeatureExtractor(student, ("feats",))
 
+    def train(self, mode: bool = True) -> SimKDStudent:
+        super().train(mode)
+        self.classifier.train(False)  # the teacher's classifier is frozen: never in train mode (dropout heads)
+        return self
+
     def classify(self, projected: Tensor) -> Tensor:
         """SK: ``cls_t(avg_pool(P(f_s)))``."""
         return self.classifier(projected.mean(dim=(2, 3)))
@@ -90,6 +96,9 @@ class SimKD(Distiller):
     Config = SimKDConfig
     teacher_taps = ("feats",)
     student_taps = ("feats",)
+    # The student's own head (classifier; WRN's final BN, ShuffleNet's last conv) gets no gradient: under DDP
+    # the trainer must set find_unused_parameters.
+    leaves_parameters_unused: ClassVar[bool] = True
 
     def build(self) -> None:
         assert self.teacher is not None

@@ -80,3 +80,25 @@ def test_list(capsys):
     assert "resnet32x4" in models and "7,433,860" in models
     assert main(["list", "configs"]) == 0
     assert "configs/cifar100/kd/resnet32x4_resnet8x4.yaml" in capsys.readouterr().out
+
+
+def test_simkd_export_evaluates_like_in_training(tmp_path, capsys):
+    """SimKD's deployed model is student backbone + projector + teacher classifier; kdzoo eval rebuilds it."""
+    out = tmp_path / "runs"
+    teacher = tmp_path / "t.pth"
+    torch.save(kdzoo.create_model("resnet20", num_classes=10).state_dict(), teacher)  # a plain state_dict
+    config = tmp_path / "simkd.yaml"
+    config.write_text(
+        "experiment: {name: simkd}\ndata: {dataset: mnist5k, batch_size: 32, subset: 256, test_subset: 200}\n"
+        f"teacher: {{name: resnet20, checkpoint: {teacher}}}\nstudent: {{name: resnet8}}\n"
+        "method: {name: simkd}\nschedule: {epochs: 1}\nruntime: {device: cpu, progress: false, tensorboard: false}\n"
+    )
+    assert main(["train", str(config), f"experiment.output_dir={out}"]) == 0
+    capsys.readouterr()
+    import json
+
+    record = json.loads((out / "simkd" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert main(["eval", "--checkpoint", str(out / "simkd" / "student_last.pt"), "data.dataset=mnist5k",
+                 "data.test_subset=200"]) == 0
+    printed = capsys.readouterr().out
+    assert f"top-1 {record['top1']:.2f}" in printed and f"loss {record['loss']:.4f}" in printed

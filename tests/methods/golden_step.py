@@ -76,7 +76,7 @@ def assert_student_grads(student: nn.Module, ref: Mapping[str, Any]) -> None:
         assert grad is not None, f"{name} got no gradient"
         if name in zero:
             continue
-        torch.testing.assert_close(grad.norm().item(), norm, rtol=1e-4, atol=1e-6 * largest, msg=name)
+        torch.testing.assert_close(grad.double().norm().item(), norm, rtol=1e-4, atol=1e-6 * largest, msg=name)
     with_grad = {n for n, p in params.items() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad <= set(ref["student_grad_norms"]), with_grad - set(ref["student_grad_norms"])
 
@@ -99,7 +99,7 @@ def assert_extra_grads(named_params: Mapping[str, nn.Parameter], ref: Mapping[st
         if ref_name in zero:
             continue
         p = named_params[name_map(ref_name)]
-        torch.testing.assert_close(p.grad.norm().item(), norm, rtol=1e-4, atol=1e-6 * largest, msg=ref_name)
+        torch.testing.assert_close(p.grad.double().norm().item(), norm, rtol=1e-4, atol=1e-6 * largest, msg=ref_name)
 
 
 def assert_loss(actual: torch.Tensor | float, expected: float) -> None:

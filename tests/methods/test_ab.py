@@ -17,6 +17,14 @@ def ab_ref(golden_dir):
     return torch.load(golden_dir / "methods" / "ab.pt", weights_only=True)
 
 
+@pytest.fixture(scope="module")
+def golden_distiller(golden_common):
+    # Shared: a step without an optimiser changes only train-mode BatchNorm statistics, which no
+    # train-mode output depends on.
+    teacher, student = build_pair(golden_common)
+    return kdzoo.create_distiller("ab", teacher=teacher, student=student)
+
+
 def stage_step(distiller: Distiller, images, labels, stage: str) -> dict[str, torch.Tensor]:
     distiller.train()
     distiller.zero_grad(set_to_none=True)
@@ -30,9 +38,8 @@ def trainable_names(distiller: Distiller, stage) -> set[str]:
     return {names[id(p)] for p in distiller.trainable_parameters(stage)}
 
 
-def test_init_stage_matches_repdistiller(golden_common, ab_ref):
-    teacher, student = build_pair(golden_common)
-    distiller = kdzoo.create_distiller("ab", teacher=teacher, student=student)
+def test_init_stage_matches_repdistiller(golden_common, ab_ref, golden_distiller):
+    distiller, student = golden_distiller, golden_distiller.student
     assert len(list(distiller.connectors.parameters())) == 0  # identities: shapes match, as in the fixture
     ref = ab_ref["init_stage"]
     losses = stage_step(distiller, golden_common["images"], golden_common["labels"], "init")
@@ -49,10 +56,9 @@ def test_init_stage_matches_repdistiller(golden_common, ab_ref):
         assert_loss(term, expected)
 
 
-def test_main_stage_is_cross_entropy_only(golden_common, ab_ref):
-    teacher, student = build_pair(golden_common)
-    distiller = kdzoo.create_distiller("ab", teacher=teacher, student=student)
-    distiller.teacher_forward = lambda batch: pytest.fail("the main stage must not run the teacher")
+def test_main_stage_is_cross_entropy_only(golden_common, ab_ref, golden_distiller, monkeypatch):
+    distiller, student = golden_distiller, golden_distiller.student
+    monkeypatch.setattr(distiller, "teacher_forward", lambda batch: pytest.fail("the main stage must not run the teacher"))
     losses, total = run_step(distiller, golden_common)
     assert set(losses) == {"loss_ce"}
     assert ab_ref["losses"]["loss_kd"] == 0.0  # RD's loop: loss_kd = 0 for abound
@@ -61,9 +67,8 @@ def test_main_stage_is_cross_entropy_only(golden_common, ab_ref):
     assert_student_grads(student, ab_ref)
 
 
-def test_stages_declare_reference_schedule(golden_common, ab_ref):
-    teacher, student = build_pair(golden_common)
-    distiller = kdzoo.create_distiller("ab", teacher=teacher, student=student)
+def test_stages_declare_reference_schedule(golden_common, ab_ref, golden_distiller):
+    distiller, student = golden_distiller, golden_distiller.student
     init, main = distiller.stages()
     assert (init.name, init.epochs, init.lr, init.use_schedule) == ("init", 30, None, False)  # lr None = base lr
     assert (main.name, main.epochs, main.lr, main.use_schedule) == ("main", None, None, True)
@@ -71,7 +76,8 @@ def test_stages_declare_reference_schedule(golden_common, ab_ref):
     assert trainable_names(distiller, init) == {f"student.{n}" for n in ab_ref["init_stage"]["student_params_optimised"]}
     assert trainable_names(distiller, main) == student_params
     assert not any(k.startswith("student_body") for k in distiller.state_dict())  # the view owns nothing
-    only_main = kdzoo.create_distiller("ab", teacher=teacher, student=student, init_epochs=0)
+    small = kdzoo.create_model("resnet8")
+    only_main = kdzoo.create_distiller("ab", teacher=small, student=kdzoo.create_model("resnet8"), init_epochs=0)
     assert [s.name for s in only_main.stages()] == ["main"]
 
 
@@ -84,8 +90,7 @@ def test_reference_defaults():
 
 @pytest.mark.parametrize("pair", [("vgg13", "vgg8"), ("wrn_40_2", "wrn_16_2"), ("resnet32x4", "ShuffleV2")])
 def test_heterogeneous_pairs_train_in_both_stages(pair):
-    names = [e.name for e in kdzoo.models.list_models()]
-    if not set(pair) <= set(names):
+    if not set(pair) <= {e.name for e in kdzoo.models.list_models()}:
         pytest.skip("model zoo not ready")
     torch.manual_seed(0)
     teacher, student = kdzoo.create_model(pair[0]), kdzoo.create_model(pair[1])

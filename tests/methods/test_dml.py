@@ -73,7 +73,7 @@ def test_dml_alternating_matches_fixture(golden_common, dml_ref, net2_state):
         optimizer.step()
 
     batch = Batch(golden_common["images"], golden_common["labels"])
-    logits, losses = distiller.alternating_step(batch, Progress(), apply_update)
+    logits, losses = distiller.update_step(batch, Progress(), apply_update)
     assert len(peer_grads) == 2 and not peer_grads[0]  # the student's update leaves the peer untouched
     assert_loss(losses["loss_ce"], dml_ref["losses"]["net1.loss_ce"])
     assert_loss(losses["loss_kl"], dml_ref["losses"]["net1.loss_kl"])

@@ -18,6 +18,14 @@ def fsp_ref(golden_dir):
     return torch.load(golden_dir / "methods" / "fsp.pt", weights_only=True)
 
 
+@pytest.fixture(scope="module")
+def golden_distiller(golden_common):
+    # Shared: a step without an optimiser changes only train-mode BatchNorm statistics, which no
+    # train-mode output depends on.
+    teacher, student = build_pair(golden_common)
+    return kdzoo.create_distiller("fsp", teacher=teacher, student=student)
+
+
 def stage_step(distiller: Distiller, images, labels, stage: str) -> dict[str, torch.Tensor]:
     distiller.train()
     distiller.zero_grad(set_to_none=True)
@@ -31,9 +39,8 @@ def trainable_names(distiller: Distiller, stage) -> set[str]:
     return {names[id(p)] for p in distiller.trainable_parameters(stage)}
 
 
-def test_init_stage_matches_repdistiller(golden_common, fsp_ref):
-    teacher, student = build_pair(golden_common)
-    distiller = kdzoo.create_distiller("fsp", teacher=teacher, student=student)
+def test_init_stage_matches_repdistiller(golden_common, fsp_ref, golden_distiller):
+    distiller, student = golden_distiller, golden_distiller.student
     ref = fsp_ref["init_stage"]
     losses = stage_step(distiller, golden_common["images"], golden_common["labels"], "init")
     assert set(losses) == {"loss_fsp"}
@@ -61,10 +68,9 @@ def test_fsp_matrices_equal_repdistiller_broadcast_formula():
         torch.testing.assert_close(gram, broadcast, rtol=1e-12, atol=1e-12)
 
 
-def test_main_stage_is_cross_entropy_only(golden_common, fsp_ref):
-    teacher, student = build_pair(golden_common)
-    distiller = kdzoo.create_distiller("fsp", teacher=teacher, student=student)
-    distiller.teacher_forward = lambda batch: pytest.fail("the main stage must not run the teacher")
+def test_main_stage_is_cross_entropy_only(golden_common, fsp_ref, golden_distiller, monkeypatch):
+    distiller, student = golden_distiller, golden_distiller.student
+    monkeypatch.setattr(distiller, "teacher_forward", lambda batch: pytest.fail("the main stage must not run the teacher"))
     losses, total = run_step(distiller, golden_common)
     assert set(losses) == {"loss_ce"}
     assert fsp_ref["losses"]["loss_kd"] == 0.0  # RD's loop: loss_kd = 0 for fsp (-b 50 inert)
@@ -73,9 +79,8 @@ def test_main_stage_is_cross_entropy_only(golden_common, fsp_ref):
     assert_student_grads(student, fsp_ref)
 
 
-def test_stages_declare_reference_schedule(golden_common, fsp_ref):
-    teacher, student = build_pair(golden_common)
-    distiller = kdzoo.create_distiller("fsp", teacher=teacher, student=student)
+def test_stages_declare_reference_schedule(golden_common, fsp_ref, golden_distiller):
+    distiller, student = golden_distiller, golden_distiller.student
     init, main = distiller.stages()
     assert (init.name, init.epochs, init.lr, init.use_schedule) == ("init", 30, None, False)  # lr None = base lr
     assert (main.name, main.epochs, main.lr, main.use_schedule) == ("main", None, None, True)

@@ -16,13 +16,16 @@ def ft_ref(golden_dir):
     return torch.load(golden_dir / "methods" / "ft.pt", weights_only=True)
 
 
-def build_golden(common, ref) -> Distiller:
-    teacher, student = build_pair(common)
+@pytest.fixture(scope="module")
+def golden_distiller(golden_common, ft_ref) -> Distiller:
+    # Shared: a step without an optimiser changes only train-mode BatchNorm statistics, which no
+    # train-mode output depends on.
+    teacher, student = build_pair(golden_common)
     distiller = kdzoo.create_distiller("ft", teacher=teacher, student=student)
     # kdzoo keeps RepDistiller's names (translator.encoder.N, paraphraser.encoder/decoder.N): load by name.
     extra = {k: v for k, v in distiller.state_dict().items() if k.startswith(("translator.", "paraphraser."))}
-    assert set(extra) == set(ref["extra_state_dict"])
-    missing, unexpected = distiller.load_state_dict(ref["extra_state_dict"], strict=False)
+    assert set(extra) == set(ft_ref["extra_state_dict"])
+    missing, unexpected = distiller.load_state_dict(ft_ref["extra_state_dict"], strict=False)
     assert not unexpected and all(k.startswith(("student.", "teacher.")) for k in missing)
     return distiller
 
@@ -40,8 +43,8 @@ def trainable_names(distiller: Distiller, stage) -> set[str]:
     return {names[id(p)] for p in distiller.trainable_parameters(stage)}
 
 
-def test_main_stage_matches_repdistiller(golden_common, ft_ref):
-    distiller = build_golden(golden_common, ft_ref)
+def test_main_stage_matches_repdistiller(golden_common, ft_ref, golden_distiller):
+    distiller = golden_distiller
     losses, total = run_step(distiller, golden_common)
     assert set(losses) == {"loss_ce", "loss_ft"}
     raw, weights = ft_ref["losses"], ft_ref["loss_weights"]
@@ -60,8 +63,8 @@ def test_main_stage_matches_repdistiller(golden_common, ft_ref):
     assert all(p.grad is None for p in distiller.paraphraser.parameters())
 
 
-def test_init_stage_matches_repdistiller(golden_common, ft_ref):
-    distiller = build_golden(golden_common, ft_ref)
+def test_init_stage_matches_repdistiller(golden_common, ft_ref, golden_distiller):
+    distiller = golden_distiller
     student = distiller.student
     running_mean = student.bn1.running_mean.clone()
     ref = ft_ref["init_stage"]
@@ -77,8 +80,8 @@ def test_init_stage_matches_repdistiller(golden_common, ft_ref):
     assert student.training
 
 
-def test_stages_declare_reference_schedule(golden_common, ft_ref):
-    distiller = build_golden(golden_common, ft_ref)
+def test_stages_declare_reference_schedule(golden_common, ft_ref, golden_distiller):
+    distiller = golden_distiller
     init, main = distiller.stages()
     assert (init.name, init.epochs, init.lr, init.use_schedule) == ("init", 30, 0.01, False)  # ResNet student
     assert (main.name, main.epochs, main.lr, main.use_schedule) == ("main", None, None, True)

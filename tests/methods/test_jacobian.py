@@ -35,9 +35,9 @@ class LinearNet(nn.Module):
         return self.fc(self.stem(x).flatten(1))
 
 
-def setup(**hparams):
+def setup(ce_weight: float = 0.0, **hparams):
     teacher, student = LinearNet(seed=1), LinearNet(seed=2)
-    distiller = kdzoo.create_distiller("jacobian", teacher=teacher, student=student, ce_weight=0.0, **hparams)
+    distiller = kdzoo.create_distiller("jacobian", teacher=teacher, student=student, ce_weight=ce_weight, **hparams)
     distiller.train()
     g = torch.Generator().manual_seed(3)
     images = torch.randn(5, *IMAGE_SHAPE, generator=g, dtype=torch.float64)
@@ -89,8 +89,7 @@ def test_teacher_top1_class_option():
 
 def test_output_terms_are_added():
     """CE, KD and AT come from the same student forward; AT of identical stem maps is zero here."""
-    distiller, teacher, student, images, targets = setup(kd_weight=0.5, at_weight=1000.0)
-    distiller.cfg.ce_weight = 1.0
+    distiller, teacher, student, images, targets = setup(ce_weight=1.0, kd_weight=0.5, at_weight=1000.0)
     _, losses = distiller.training_step(Batch(images, targets), Progress())
     assert set(losses) == {"loss_ce", "loss_kd", "loss_at", "loss_jacobian"}
     z_s = images.flatten(1) @ student.fc.weight.T + student.fc.bias
@@ -121,4 +120,4 @@ def test_training_step_resnet32x4_resnet8x4_with_at():
 
 @pytest.mark.parametrize("pair", HETEROGENEOUS_PAIRS)
 def test_heterogeneous_pairs_train(pair):
-    train_one_step("jacobian", *pair, at_weight=1000.0)
+    train_one_step("jacobian", *pair, batch_size=2, at_weight=1000.0)  # batch 2: ~3 passes through the teacher

@@ -84,6 +84,8 @@ def test_simkd_exported_student(golden_common, simkd_ref):
     assert "classifier.weight" in keys and "projector.0.weight" in keys
     # The distiller's own state_dict holds no duplicate copy of the deployed network.
     assert not any(k.startswith("_deployed") for k in distiller.state_dict())
+    deployed.train()
+    assert deployed.student.training and deployed.projector.training and not deployed.classifier.training
     images = golden_common["images"][:4]
     deployed.eval()
     with torch.no_grad():

@@ -40,7 +40,8 @@ def test_srrl_matches_reference(golden_common, srrl_ref):
     assert_loss(losses["loss_srrl_feat"] + losses["loss_srrl_logit"], weights["loss_kd"] * raw["loss_kd"])
     assert_loss(total, ref["total"])
     assert_student_grads(student, ref)
-    assert_extra_grads(dict(distiller.connector.named_parameters()), ref, name_map=lambda n: n.removeprefix("transfer."))
+    connector = dict(distiller.connector.named_parameters())
+    assert_extra_grads(connector, ref, name_map=lambda n: n.removeprefix("transfer."))
     # The teacher classifier is used but frozen: no gradient, not an extra parameter, not in the method's state.
     assert all(p.grad is None for p in teacher.parameters())
     assert distiller.num_extra_parameters() == 66_048  # golden: 3 tensors, 66,048 values
