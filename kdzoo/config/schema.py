@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# OmegaConf resolves annotations at runtime: keep typing.Optional/Dict/List spellings it understands.
-from typing import Any  # noqa: UP035
+# OmegaConf (>= 2.4) reads these annotations at runtime, PEP 604 unions included.
+from typing import Any
 
 
 @dataclass
@@ -28,6 +28,7 @@ class DataConfig:
     test_subset: int | None = None  # only the first N test samples
     augment: bool = True
     drop_last: bool = False
+    image_size: int | None = None  # imagefolder datasets: training crop size (default 224)
 
 
 @dataclass

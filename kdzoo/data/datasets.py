@@ -100,12 +100,17 @@ DATASETS: dict[str, Callable[[Any], TensorSource]] = {
 }
 
 
+FOLDER_DATASETS = ("imagenet", "tiny_imagenet", "imagefolder")
+
+
 def dataset_names() -> list[str]:
-    return sorted(DATASETS)
+    return sorted([*DATASETS, *FOLDER_DATASETS])
 
 
 def load_source(cfg: Any) -> TensorSource:
     if cfg.dataset not in DATASETS:
+        if cfg.dataset in FOLDER_DATASETS:
+            raise UserInputError(f"{cfg.dataset} is read from image files, not held in memory")
         raise UserInputError(
             f"unknown dataset {cfg.dataset!r}.{suggest(cfg.dataset, list(DATASETS))} "
             f"Available: {', '.join(dataset_names())}."
@@ -117,6 +122,8 @@ def build_data(
     cfg: Any, *, seed: int, device: torch.device, rank: int = 0, world_size: int = 1, drop_last: bool = False,
     source: TensorSource | None = None,
 ) -> DataBundle:
+    if source is None and cfg.dataset in FOLDER_DATASETS:
+        return build_folder_data(cfg, seed=seed, device=device, rank=rank, world_size=world_size, drop_last=drop_last)
     source = source or load_source(cfg)
     train_images, train_targets = source.train_images, source.train_targets
     if cfg.subset is not None:
@@ -134,3 +141,39 @@ def build_data(
     )
     info = DatasetInfo(num_samples=len(train_targets), num_classes=source.num_classes, targets=train_targets.cpu())
     return DataBundle(train, test, info, tuple(train_images.shape[1:]), source.num_classes)  # type: ignore[arg-type]
+
+
+def build_folder_data(
+    cfg: Any, *, seed: int, device: torch.device, rank: int, world_size: int, drop_last: bool
+) -> DataBundle:
+    """ImageNet (``root/train``, ``root/val`` class folders), Tiny-ImageNet (``root/tiny-imagenet-200`` or
+    ``root`` with its ``val_annotations.txt``) and any ImageFolder layout (``root/train``, ``root/val``)."""
+    from kdzoo.data import folder
+
+    root = Path(cfg.root)
+    if cfg.dataset == "tiny_imagenet":
+        root = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() else root
+        train_samples, classes = folder.scan_class_folders(root / "train")
+        test_samples = folder.scan_tiny_imagenet_val(root, classes)
+        train_tf, test_tf = folder.tiny_imagenet_transforms()
+        size = 64
+    else:
+        train_samples, classes = folder.scan_class_folders(root / "train")
+        test_samples, test_classes = folder.scan_class_folders(root / "val")
+        if test_classes != classes:
+            raise UserInputError(f"{root}/val has other classes than {root}/train")
+        size = cfg.image_size or 224
+        train_tf, test_tf = folder.imagenet_transforms(size)
+    if not cfg.augment:
+        train_tf = test_tf
+    if cfg.subset is not None:
+        train_samples = train_samples[: cfg.subset]
+    if cfg.test_subset is not None:
+        test_samples = test_samples[: cfg.test_subset]
+    common = {"num_workers": cfg.num_workers, "device": device, "seed": seed}
+    train = folder.FolderLoader(train_samples, train_tf, batch_size=cfg.batch_size, shuffle=True,
+                                drop_last=drop_last or cfg.drop_last, rank=rank, world_size=world_size, **common)
+    test = folder.FolderLoader(test_samples, test_tf, batch_size=cfg.test_batch_size, shuffle=False, **common)
+    targets = torch.tensor([label for _, label in train_samples])
+    info = DatasetInfo(num_samples=len(train_samples), num_classes=len(classes), targets=targets)
+    return DataBundle(train, test, info, (3, size, size), len(classes))

@@ -48,7 +48,8 @@ class DistillationOrientedSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def record_distill_grads(self) -> None:
         """Remember the current ``.grad`` of every parameter as its distillation gradient (mdistiller's
-        ``step_kd``). The tensors are kept, not copied: ``zero_grad(set_to_none=True)`` leaves them intact."""
+        ``step_kd``). The tensors are kept, not copied: follow with ``zero_grad(set_to_none=True)`` (which leaves them
+        intact; ``set_to_none=False`` would zero them in place)."""
         self._distill_grads = {
             id(p): p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
         }

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Batch, Distiller, Progress, Stage
+from kdzoo.methods.fitnet import ConvReg
 from kdzoo.methods.losses import at_least_fp32, ce_and_kd, feature_body
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
@@ -36,19 +37,9 @@ class ABConfig:
 
 def connector(student_shape: Sequence[int], teacher_shape: Sequence[int]) -> nn.Module:
     """RD ``Connector``: identity where (C, H) agree, else RD's ``ConvReg`` without its ReLU (conv + BN)."""
-    s_channels, s_size = student_shape[1], student_shape[2]
-    t_channels, t_size = teacher_shape[1], teacher_shape[2]
-    if s_channels == t_channels and s_size == t_size:
+    if student_shape[1] == teacher_shape[1] and student_shape[2] == teacher_shape[2]:
         return nn.Identity()
-    if s_size == 2 * t_size:
-        conv: nn.Module = nn.Conv2d(s_channels, t_channels, kernel_size=3, stride=2, padding=1)
-    elif 2 * s_size == t_size:
-        conv = nn.ConvTranspose2d(s_channels, t_channels, kernel_size=4, stride=2, padding=1)
-    elif s_size >= t_size:
-        conv = nn.Conv2d(s_channels, t_channels, kernel_size=(1 + s_size - t_size, 1 + student_shape[3] - teacher_shape[3]))
-    else:
-        raise UserInputError(f"ab cannot connect a student map of size {s_size} to a teacher map of size {t_size}")
-    return nn.Sequential(conv, nn.BatchNorm2d(t_channels))
+    return ConvReg(student_shape, teacher_shape, use_relu=False)
 
 
 def ab_loss_terms(student_preacts: Sequence[Tensor], teacher_preacts: Sequence[Tensor], margin: float) -> list[Tensor]:

@@ -130,6 +130,8 @@ class ContrastSampler(nn.Module):
             earliest = torch.where(is_first, perm, perm + length).topk(k, dim=1, largest=False).values % length
             return draws.gather(1, earliest)
         width = int(self.class_order.numel())
+        if k > width:  # every row has fewer than k negatives: all are drawn with replacement by the caller
+            return torch.zeros((rows, k), dtype=torch.long, device=bound.device)
         keys = torch.rand((rows, width), generator=gen, device=bound.device, dtype=torch.float64)
         keys = keys.masked_fill(torch.arange(width, device=bound.device) >= bound[:, None], 2.0)
         return keys.topk(k, dim=1, largest=False).indices

@@ -50,7 +50,8 @@ def test_init_stage_matches_repdistiller(golden_common, fsp_ref, golden_distille
     assert student.fc.weight.grad is None
 
     with torch.no_grad():
-        s_out, t_out = distiller.student_extractor(golden_common["images"]), distiller.teacher_extractor(golden_common["images"])
+        images = golden_common["images"]
+        s_out, t_out = distiller.student_extractor(images), distiller.teacher_extractor(images)
     for term, expected in zip(fsp_loss_terms(s_out.feats, t_out.feats), ref["loss_terms"]["loss_init"], strict=True):
         assert_loss(term, expected)
 
@@ -70,7 +71,7 @@ def test_fsp_matrices_equal_repdistiller_broadcast_formula():
 
 def test_main_stage_is_cross_entropy_only(golden_common, fsp_ref, golden_distiller, monkeypatch):
     distiller, student = golden_distiller, golden_distiller.student
-    monkeypatch.setattr(distiller, "teacher_forward", lambda batch: pytest.fail("the main stage must not run the teacher"))
+    monkeypatch.setattr(distiller, "teacher_forward", lambda batch: pytest.fail("the main stage runs no teacher"))
     losses, total = run_step(distiller, golden_common)
     assert set(losses) == {"loss_ce"}
     assert fsp_ref["losses"]["loss_kd"] == 0.0  # RD's loop: loss_kd = 0 for fsp (-b 50 inert)
@@ -88,7 +89,8 @@ def test_stages_declare_reference_schedule(golden_common, fsp_ref, golden_distil
     assert trainable_names(distiller, init) == optimised
     assert trainable_names(distiller, main) == {f"student.{n}" for n, _ in student.named_parameters()}
     assert distiller.num_extra_parameters() == 0
-    cfg = kdzoo.create_distiller("fsp", teacher=kdzoo.create_model("resnet32x4"), student=kdzoo.create_model("resnet8x4")).cfg
+    pair = kdzoo.create_model("resnet32x4"), kdzoo.create_model("resnet8x4")
+    cfg = kdzoo.create_distiller("fsp", teacher=pair[0], student=pair[1]).cfg
     assert (cfg.init_epochs, cfg.init_lr, cfg.ce_weight, cfg.kd_weight) == (30, None, 1.0, 0.0)
 
 
@@ -114,7 +116,8 @@ def test_heterogeneous_pairs_train_in_both_stages(pair):
     assert set(losses) == {"loss_fsp"} and torch.isfinite(losses["loss_fsp"]) and losses["loss_fsp"] > 0
     # Every parameter upstream of a tapped map must learn (not e.g. WRN's final BN); nothing else may.
     body = list(distiller.student_body.parameters())
-    reach = torch.autograd.grad(sum(f.sum() for f in distiller.student_extractor(images).feats), body, allow_unused=True)
+    taps = distiller.student_extractor(images).feats
+    reach = torch.autograd.grad(sum(f.sum() for f in taps), body, allow_unused=True)
     expected = {id(p) for p, g in zip(body, reach) if g is not None}
     assert len(expected) > 0.9 * len(body)
     trainable = {id(p) for p in distiller.trainable_parameters(init)}

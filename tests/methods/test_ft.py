@@ -85,10 +85,12 @@ def test_stages_declare_reference_schedule(golden_common, ft_ref, golden_distill
     init, main = distiller.stages()
     assert (init.name, init.epochs, init.lr, init.use_schedule) == ("init", 30, 0.01, False)  # ResNet student
     assert (main.name, main.epochs, main.lr, main.use_schedule) == ("main", None, None, True)
-    assert trainable_names(distiller, init) == {n for n, _ in distiller.paraphraser.named_parameters(prefix="paraphraser")}
+    paraphraser = {n for n, _ in distiller.paraphraser.named_parameters(prefix="paraphraser")}
+    assert trainable_names(distiller, init) == paraphraser
     student_params = {f"student.{n}" for n, _ in distiller.student.named_parameters()}
     assert trainable_names(distiller, main) == student_params | set(ft_ref["extra_trainable"])
-    cfg = kdzoo.create_distiller("ft", teacher=kdzoo.create_model("resnet32x4"), student=kdzoo.create_model("resnet8x4")).cfg
+    pair = kdzoo.create_model("resnet32x4"), kdzoo.create_model("resnet8x4")
+    cfg = kdzoo.create_distiller("ft", teacher=pair[0], student=pair[1]).cfg
     assert (cfg.ft_weight, cfg.paraphrase_rate, cfg.init_epochs, cfg.init_lr, cfg.ce_weight, cfg.kd_weight) == (
         200.0, 0.5, 30, None, 1.0, 0.0)
     assert distiller.num_extra_parameters() == sum(torch.Size(s).numel() for _, s in ft_ref["extra_param_order"])

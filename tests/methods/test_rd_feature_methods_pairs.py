@@ -4,12 +4,16 @@ alone reaching the stem) and on its extra modules, and none on the teacher."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import kdzoo
+from kdzoo.config.loader import load_config
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Progress
+from kdzoo.methods.base import Batch, Progress, build_method_config
+from kdzoo.methods.registry import method_class
 
 PAIRS = [("vgg13", "vgg8"), ("wrn_40_2", "wrn_16_2"), ("resnet32x4", "ShuffleV2")]
 METHOD_TERMS = {
@@ -23,6 +27,7 @@ METHOD_TERMS = {
     "cc": {"loss_cc"},
 }
 EXTRA_PARAMS = {"fitnet": 4, "cc": 4}
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +103,37 @@ def check_training_step(distiller, teacher_out, batch, method):
         assert param.grad is not None and torch.isfinite(param.grad).all()
         assert param.grad.abs().sum() > 0 or param.ndim == 1  # a conv bias before train-mode BN gets ~0
     assert all(p.grad is None for p in teacher.parameters())
+
+
+RECIPES = sorted(
+    path for method in METHOD_TERMS for path in (REPO_ROOT / "configs" / "cifar100" / method).glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[f"{p.parent.name}/{p.stem}" for p in RECIPES])
+def test_recipe_validates_and_uses_reference_defaults(path):
+    cfg = load_config(path)
+    method = method_class(cfg.method["name"])
+    assert cfg.method["name"] == path.parent.name
+    hparams = build_method_config(method, dict(cfg.method), {})
+    # Every pair of the RepDistiller table runs with the same method hyper-parameters (the defaults).
+    assert hparams == method.Config()
+    is_light_student = cfg.student.name in ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+    assert cfg.optim.lr == (0.01 if is_light_student else 0.05)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_TERMS))
+def test_bf16_autocast_keeps_method_terms_fp32(method):
+    torch.manual_seed(0)
+    # Equal stage widths (16, 32, 64) so that KD-SVD applies too.
+    teacher, student = kdzoo.create_model("resnet20"), kdzoo.create_model("resnet8")
+    distiller = kdzoo.create_distiller(method, teacher=teacher, student=student)
+    distiller.train()
+    batch = Batch(torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,)))
+    _, reference = distiller.training_step(batch, Progress())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, losses = distiller.training_step(batch, Progress())
+    for name in METHOD_TERMS[method]:
+        assert losses[name].dtype == torch.float32 and torch.isfinite(losses[name]), name
+        if method != "kdsvd":  # singular-vector signs may legitimately flip with bf16 features
+            torch.testing.assert_close(losses[name], reference[name], rtol=0.1, atol=1e-3)

@@ -11,7 +11,14 @@ import torch
 import kdzoo
 from kdzoo.methods.base import Batch, Progress
 from kdzoo.methods.reviewkd import hcl_terms
-from tests.methods.golden_step import assert_extra_grads, assert_loss, assert_student_grads, build_pair, load_extra_by_order, run_step
+from tests.methods.golden_step import (
+    assert_extra_grads,
+    assert_loss,
+    assert_student_grads,
+    build_pair,
+    load_extra_by_order,
+    run_step,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +31,8 @@ def golden_distiller(golden_common, reviewkd_ref):
     teacher, student = build_pair(golden_common)
     distiller = kdzoo.create_distiller("reviewkd", teacher=teacher, student=student)
     # Same module tree as mdistiller (abfs.0 = deepest level): names and registration order agree.
-    assert [n for n, _ in distiller.abfs.named_parameters(prefix="abfs")] == [n for n, _ in reviewkd_ref["extra_param_order"]]
+    names = [n for n, _ in distiller.abfs.named_parameters(prefix="abfs")]
+    assert names == [n for n, _ in reviewkd_ref["extra_param_order"]]
     load_extra_by_order(distiller.abfs, reviewkd_ref)
     return distiller
 
