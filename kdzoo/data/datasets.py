@@ -85,7 +85,11 @@ def load_mnist5k(cfg: Any) -> TensorSource:
     for cls in range(10):
         members = torch.nonzero(labels == cls).flatten()
         test_mask[members[torch.randperm(len(members), generator=gen)[: len(members) // 5]]] = True
-    train_idx, test_idx = torch.nonzero(~test_mask).flatten(), torch.nonzero(test_mask).flatten()
+    # The file is sorted by class; a fixed shuffle makes "the first N samples" (data.subset) a mixed set.
+    train_idx = torch.nonzero(~test_mask).flatten()
+    train_idx = train_idx[torch.randperm(len(train_idx), generator=gen)]
+    test_idx = torch.nonzero(test_mask).flatten()
+    test_idx = test_idx[torch.randperm(len(test_idx), generator=gen)]
     mean, std = MNIST5K_MEAN * 3, MNIST5K_STD * 3
     augment = CropFlip(2, flip=False) if cfg.augment else None  # flips would turn digits into other glyphs
     return TensorSource(

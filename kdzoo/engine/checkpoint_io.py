@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from kdzoo.engine.faults import fault_point
 from kdzoo.errors import CheckpointError
 
 _STAGE_NAME = re.compile(r"^ckpt_(\d+)_e(\d+)_s(\d+)\.pt$")
@@ -53,6 +54,7 @@ def save_checkpoint(obj: dict[str, Any], path: Path) -> str:
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest()
     atomic_write_bytes(path, data)
+    fault_point("during_save")  # the checkpoint exists, its checksum not yet: must be skipped on resume
     atomic_write_bytes(_sidecar(path), f"{digest}  {path.name}\n".encode())
     return digest
 

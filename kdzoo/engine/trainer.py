@@ -22,16 +22,31 @@ from torch import Tensor, nn
 from kdzoo import __version__
 from kdzoo.config.loader import to_yaml
 from kdzoo.engine import checkpoint_io
+from kdzoo.engine.faults import fault_point
 from kdzoo.engine.logger import MetricsLog
 from kdzoo.engine.optim import build_optimizer, multistep_lr, set_lr
 from kdzoo.engine.runtime import amp_dtype, autocast, rng_state, set_rng_state
 from kdzoo.engine.setup import RunParts
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Batch, Progress, Stage
+from kdzoo.models.taps import compile_model
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced NaN/Inf; the message names the loss term, step and epoch."""
+
+
+class TeacherChangedError(RuntimeError):
+    """A frozen teacher's weights or BatchNorm statistics moved during training."""
+
+
+def teacher_fingerprint(teacher: nn.Module, with_buffers: bool) -> dict[str, Tensor]:
+    """Exact per-tensor copies would double the teacher's memory; (sum, sum of squares) in float64 per
+    tensor catches any change that matters at a cost of one pass over the weights per epoch."""
+    tensors = dict(teacher.named_parameters())
+    if with_buffers:
+        tensors.update((n, b) for n, b in teacher.named_buffers() if b.is_floating_point())
+    return {n: torch.stack([t.double().sum(), t.double().pow(2).sum()]) for n, t in tensors.items()}
 
 
 @torch.no_grad()
@@ -108,6 +123,10 @@ class Trainer:
         if self.cfg.runtime.compile:
             self._compile()
         self.optimizer = self._build_optimizer(self.stages[0])
+        teacher = self.distiller.teacher
+        # OFD's declared train-mode teacher moves its BatchNorm statistics by design: weights only then.
+        self._teacher_buffers_frozen = not self.distiller.teacher_train_mode
+        self._teacher_print = None if teacher is None else teacher_fingerprint(teacher, self._teacher_buffers_frozen)
         self.log = MetricsLog(run_dir, self.cfg.runtime.tensorboard, enabled=is_main)
 
     # ---- setup --------------------------------------------------------------------------------
@@ -116,7 +135,7 @@ class Trainer:
         # into the graph, and the method's loss code stays eager (it is cheap and often dynamic).
         for extractor in (self.distiller.student_extractor, self.distiller.teacher_extractor):
             if extractor is not None:
-                extractor.model = torch.compile(extractor.model)
+                extractor.model = compile_model(extractor.model)
 
     def _build_optimizer(self, stage: Stage) -> torch.optim.Optimizer:
         groups = self.distiller.param_groups(stage)
@@ -149,6 +168,7 @@ class Trainer:
         path = self.run_dir / checkpoint_io.checkpoint_name(s.stage_index, s.epoch, s.step_in_epoch)
         checkpoint_io.save_checkpoint(self.state_dict(), path)
         checkpoint_io.prune(self.run_dir, self.cfg.runtime.keep_last)
+        fault_point("after_save")
 
     def load(self, path: Path) -> None:
         ckpt = checkpoint_io.load_verified(path, map_location=self.device)
@@ -229,6 +249,7 @@ class Trainer:
             s.epoch_steps += 1
             s.step_in_epoch += 1
             s.global_step += 1
+            fault_point("step")
             if bar is not None:
                 bar.update(1)
             if s.step_in_epoch % self.cfg.runtime.log_interval == 0:
@@ -241,6 +262,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         self._check_finite(bad_terms, stage)
+        self._check_teacher()
         record: dict[str, Any] = {"stage": stage.name, "epoch": s.epoch, "step": s.global_step,
                                   "lr": self.optimizer.param_groups[0]["lr"]}
         record.update({f"train/{k}": float(v) / max(s.epoch_steps, 1) for k, v in sums.items()})
@@ -311,6 +333,18 @@ class Trainer:
                 f"non-finite loss in term(s) {', '.join(names)} during stage {stage.name!r}, epoch {s.epoch}, "
                 f"before step {s.step_in_epoch} of the epoch (global step {s.global_step}); training stopped, the "
                 f"last checkpoint in {self.run_dir} is intact. Lower optim.lr, or set runtime.nonfinite=skip."
+            )
+
+    def _check_teacher(self) -> None:
+        if self._teacher_print is None:
+            return
+        now = teacher_fingerprint(self.distiller.teacher, self._teacher_buffers_frozen)
+        changed = [n for n, v in now.items() if not torch.equal(v, self._teacher_print[n])]
+        if changed:
+            raise TeacherChangedError(
+                f"the frozen teacher changed during epoch {self.state.epoch} ({', '.join(changed[:5])}"
+                f"{', ...' if len(changed) > 5 else ''}); the method modifies its teacher. Training stopped before "
+                "this epoch's checkpoint."
             )
 
     def _evaluate_all(self) -> dict[str, float]:

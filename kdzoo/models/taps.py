@@ -169,8 +169,9 @@ class FeatureExtractor:
         self._handles.append(handle)
 
     def __call__(self, images: Tensor) -> Outputs:
-        self._store = {}
-        self._calls = {}
+        # Cleared, never re-bound: under torch.compile the hooks keep writing into the same objects.
+        self._store.clear()
+        self._calls.clear()
         logits = self.model(images)
         out = Outputs(logits=logits)
         if self.spec is None:
@@ -187,7 +188,7 @@ class FeatureExtractor:
             ]
         if "pooled" in self.groups:
             out.pooled = store["pooled"]
-        self._store = {}
+        self._store.clear()
         return out
 
     def remove(self) -> None:
@@ -238,3 +239,15 @@ def probe_shapes(
         return features(model, torch.zeros(2, *input_shape, device=device, dtype=dtype), groups)
     finally:
         model.train(was_training)
+
+
+def compile_model(model: nn.Module, **kwargs: object) -> nn.Module:
+    """``torch.compile`` for a model whose features are tapped.
+
+    Dynamo does not guard on module hooks by default, so a graph compiled for one instance of an
+    architecture without taps is silently reused for another instance *with* taps, and the hooks never
+    fire (seen with this torch: a hookless teacher compiled first, then a tapped one). Guarding on
+    hooks gives each hook set its own graph.
+    """
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    return torch.compile(model, **kwargs)  # type: ignore[return-value]

@@ -111,3 +111,23 @@ def test_nonfinite_loss_stops_with_named_term(tmp_path):
     cfg.optim.lr = 1e30  # diverges within a few steps
     with pytest.raises(NonFiniteLossError, match=r"loss_ce.*epoch 1"):
         run_training(cfg)
+
+
+def test_teacher_that_changes_is_caught(tmp_path):
+    from kdzoo.engine.trainer import TeacherChangedError
+    from kdzoo.methods.kd import KD
+
+    original = KD.compute_losses
+
+    def tampering(self, student, teacher, batch, progress):
+        with torch.no_grad():
+            self.teacher.fc.bias.add_(1e-3)  # a method bug that writes into the teacher
+        return original(self, student, teacher, batch, progress)
+
+    KD.compute_losses = tampering
+    try:
+        with pytest.raises(TeacherChangedError, match=r"fc.bias"):
+            run_training(_cfg(tmp_path, "tamper", {"name": "kd"}, epochs=1))
+    finally:
+        KD.compute_losses = original
+    assert not checkpoint_io.list_checkpoints(tmp_path / "runs" / "tamper")

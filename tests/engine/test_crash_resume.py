@@ -1,0 +1,129 @@
+"""SIGKILL a real training process at three points, resume, and compare with an uninterrupted run
+bit for bit: final student weights, extra-module/method state and every logged metric.
+
+Kill points (``kdzoo.engine.faults``): mid-epoch (after the 3rd step, between checkpoints), right
+after a checkpoint write, and during a checkpoint write (the file is on disk, its checksum is not,
+so ``resume=auto`` must skip it and take the previous one). Runs for KD, the stateful CRD (memory
+banks, negative sampler) and DOT (two momentum buffers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdzoo
+from kdzoo.engine import checkpoint_io
+from tests.conftest import REPO_ROOT
+
+METHODS = {
+    "kd": ["method.name=kd"],
+    "crd": ["method.name=crd", "method.nce_k=64"],
+    "dot": ["method.name=kd", "optim.name=dot"],
+}
+KILLS = {
+    "mid_epoch": "point=step,count=3",
+    "after_save": "point=after_save,count=2",
+    "during_save": "point=during_save,count=4",  # saves: step 2, step 4, best export, end of epoch 1
+}
+
+
+def _config(tmp_path: Path) -> Path:
+    teacher = tmp_path / "teacher.pth"
+    if not teacher.exists():
+        torch.manual_seed(5)
+        torch.save({"model": kdzoo.create_model("resnet8", num_classes=10).state_dict()}, teacher)
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "experiment: {name: run, seed: 11}\n"
+        "data: {dataset: mnist5k, batch_size: 32, subset: 160, test_subset: 64}\n"
+        f"teacher: {{name: resnet8, checkpoint: {teacher}}}\nstudent: {{name: resnet8}}\n"
+        "schedule: {epochs: 2, milestones: [1]}\n"
+        "runtime: {device: cpu, deterministic: true, progress: false, tensorboard: false, threads: 1,"
+        " checkpoint_interval: 2, log_interval: 1, keep_last: 3}\n"
+    )
+    return path
+
+
+def _train(tmp_path: Path, out: Path, extra: list[str], fault: str | None = None, resume: bool = False):
+    env = {k: v for k, v in os.environ.items() if k != "KDZOO_FAULT"}
+    env["OMP_NUM_THREADS"] = "1"
+    if fault:
+        env["KDZOO_FAULT"] = fault
+    cmd = [sys.executable, "-m", "kdzoo", "train", str(_config(tmp_path)), f"experiment.output_dir={out}", *extra]
+    if resume:
+        cmd.append("--resume")
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _outcome(run_dir: Path) -> tuple[dict, list[dict], dict]:
+    student = checkpoint_io.load_verified(run_dir / "student_last.pt")["model"]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in metrics:
+        record.pop("epoch_time_s")
+    final = checkpoint_io.load_verified(checkpoint_io.list_checkpoints(run_dir)[-1].path)
+    return student, metrics, final["distiller"] | {"optimizer": final["optimizer"]["state"]}
+
+
+def _assert_same(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_sigkill_and_resume_is_bit_exact(tmp_path, method):
+    extra = METHODS[method]
+    ref = _train(tmp_path, tmp_path / "ref", extra)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    expected = _outcome(tmp_path / "ref" / "run")
+    for kill, fault in KILLS.items():
+        out = tmp_path / kill
+        crashed = _train(tmp_path, out, extra, fault=fault)
+        assert crashed.returncode == -signal.SIGKILL, (kill, crashed.returncode, crashed.stderr[-2000:])
+        assert not (out / "run" / "student_last.pt").exists()
+        resumed = _train(tmp_path, out, extra, resume=True)
+        assert resumed.returncode == 0, (kill, resumed.stderr[-2000:])
+        if kill == "during_save":
+            assert "skipping checkpoint" in resumed.stderr
+        _assert_same(expected, _outcome(out / "run"), kill)
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_and_resumes(tmp_path):
+    """``torchrun --max-restarts 1``: rank 1 is SIGKILLed once mid-run; the restarted group resumes by
+    itself (resume=auto) and finishes with the same result as a run that was never interrupted."""
+    def launch(out: Path, fault: str | None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "KDZOO_FAULT"} | {"OMP_NUM_THREADS": "1"}
+        if fault:
+            env["KDZOO_FAULT"] = fault
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "--max-restarts", "1", "-m", "kdzoo", "train", str(_config(tmp_path)),
+               f"experiment.output_dir={out}", "method.name=kd", "runtime.deterministic=false", "resume=auto"]
+        return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    ref = launch(tmp_path / "ref", None)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    marker = tmp_path / "killed_once"
+    crashed = launch(tmp_path / "crash", f"point=step,count=3,rank=1,once={marker}")
+    assert marker.exists() and crashed.returncode == 0, crashed.stderr[-3000:]
+    expected, got = _outcome(tmp_path / "ref" / "run"), _outcome(tmp_path / "crash" / "run")
+    _assert_same(expected[0], got[0], "student")
+    _assert_same(expected[1], got[1], "metrics")
