@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides.remove(item)
     cfg = load_config(args.config, overrides)
     summary = run_training(cfg, resume=resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for the group
+        return 0
     print(f"run directory: {summary['run_dir']}")
     if summary["last_top1"] is not None:
         print(f"top-1 last {summary['last_top1']:.2f}  best {summary['best_top1']:.2f} (epoch {summary['best_epoch']})")

@@ -9,6 +9,7 @@ checkpoint itself and continues.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,17 @@ def _init_distributed() -> tuple[int, int, torch.device | None]:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        # Under torchrun the store outlives a restart and still holds the dead group's addresses, so
+        # a restarted group would try to connect to them. A per-restart key prefix keeps rounds apart.
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+            is_master=rank == 0 and not agent_store, timeout=timedelta(minutes=10),
+        )
+        dist.init_process_group(
+            backend=backend, store=dist.PrefixStore(f"kdzoo/restart{restart}", store), rank=rank, world_size=world_size
+        )
     return rank, world_size, device
 
 

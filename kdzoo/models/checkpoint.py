@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -46,7 +47,10 @@ def read_checkpoint(path: str | Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A foreign pickle protocol only matters if the load fails, and then our message says why.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as first:
         try:
             with torch.serialization.safe_globals([argparse.Namespace]):
@@ -61,7 +65,7 @@ def read_checkpoint(path: str | Path) -> Any:
 
 def _unpickling_message(path: Path, exc: Exception) -> str:
     text = str(exc)
-    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    match = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
     if match:
         return (
             f"checkpoint {path} references the Python global {match.group(1)!r}; kdzoo refuses to unpickle it "

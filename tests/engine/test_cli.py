@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,47 @@ def test_simkd_export_evaluates_like_in_training(tmp_path, capsys):
                  "data.test_subset=200"]) == 0
     printed = capsys.readouterr().out
     assert f"top-1 {record['top1']:.2f}" in printed and f"loss {record['loss']:.4f}" in printed
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch kdzoo_exploit_ran",))
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("truncated", "is unreadable or corrupt"),
+        ("exploit", "refuses to unpickle it"),
+        ("fsp_channels", "fsp needs the same channel count"),
+        ("simkd_classifier", "simkd feeds the projected last feature map"),
+        ("not_a_checkpoint", "is unreadable or corrupt"),
+    ],
+)
+def test_bad_files_and_incompatible_pairs_exit_2(tmp_path, capsys, data_root, monkeypatch, case, message):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs"
+    args = [f"data.root={data_root}", f"experiment.output_dir={out}"]
+    if case == "truncated":
+        good = Path(_teacher(tmp_path, "resnet32x4"))
+        bad = tmp_path / "truncated.pth"
+        bad.write_bytes(good.read_bytes()[:4096])
+        args.append(f"teacher.checkpoint={bad}")
+    elif case == "exploit":
+        bad = tmp_path / "exploit.pth"
+        torch.save({"model": _Exploit()}, bad)
+        args.append(f"teacher.checkpoint={bad}")
+    elif case == "not_a_checkpoint":
+        bad = tmp_path / "notes.pth"
+        bad.write_text("these are not weights")
+        args.append(f"teacher.checkpoint={bad}")
+    elif case == "fsp_channels":  # FSP needs equal stage widths; ShuffleV2's differ from resnet32x4's
+        args += ["method.name=fsp", "student.name=ShuffleV2", f"teacher.checkpoint={_teacher(tmp_path, 'resnet32x4')}"]
+    else:  # SimKD reuses the teacher's classifier; ShuffleV2's head does not take the projected map
+        args += ["method.name=simkd", "teacher.name=ShuffleV2", f"teacher.checkpoint={_teacher(tmp_path, 'ShuffleV2')}"]
+    code = main(["train", KD_RECIPE, *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+    assert not (tmp_path / "kdzoo_exploit_ran").exists()
