@@ -113,6 +113,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kdzoo.config.loader import load_config
+    from kdzoo.data.datasets import build_data
+    from kdzoo.engine.runtime import resolve_device
+    from kdzoo.engine.setup import build_model, cache_key_for, load_weights
+    from kdzoo.engine.teacher_cache import TeacherCache, build_cache, verify_cache
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.teacher.cache:
+        raise UserInputError("set teacher.cache=DIR: the directory the cache is written to / read from")
+    device = resolve_device(cfg.runtime.device)
+    data = build_data(cfg.data, seed=cfg.experiment.seed, device=device)
+    teacher = build_model(str(cfg.teacher.name), data.num_classes, data.input_shape)
+    load_weights(teacher, str(cfg.teacher.checkpoint), "teacher")
+    teacher.to(device).eval()
+    key = cache_key_for(cfg, data)
+    if args.action == "build":
+        build_cache(teacher, data.train, key, Path(cfg.teacher.cache), progress=cfg.runtime.progress)
+        print(f"teacher cache written to {cfg.teacher.cache}")
+    cache = TeacherCache(cfg.teacher.cache, key, device)
+    worst = verify_cache(cache, teacher, data.train, samples=args.samples)
+    print(f"verified {args.samples} random views against the live teacher: largest difference {worst:.2f} "
+          "fp16 rounding steps")
+    if worst > 1.0:
+        print("kdzoo: error: the cache disagrees with the live teacher beyond fp16 rounding", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdzoo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--threads", type=int, default=None)
     bench.set_defaults(func=cmd_bench)
+
+    cache = sub.add_parser("cache", help="build or verify the exact teacher-output cache of a config")
+    cache.add_argument("action", choices=["build", "verify"])
+    cache.add_argument("config")
+    cache.add_argument("overrides", nargs="*", help="e.g. teacher.cache=caches/r32x4 data.root=../shared/data")
+    cache.add_argument("--samples", type=int, default=256, help="random views recomputed by verify")
+    cache.set_defaults(func=cmd_cache)
 
     ls = sub.add_parser("list", help="what exists")
     ls.add_argument("what", choices=["methods", "models", "configs"])

@@ -35,6 +35,8 @@ class DataConfig:
 class TeacherConfig:
     name: str | None = None
     checkpoint: str | None = None
+    # Directory of a teacher-output cache (`kdzoo cache build`); logits-only methods then skip the teacher.
+    cache: str | None = None
 
 
 @dataclass

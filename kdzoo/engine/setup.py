@@ -7,8 +7,10 @@ code 2 and no run directory exists yet.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +32,7 @@ class RunParts:
     distiller: Distiller
     rank: int = 0
     world_size: int = 1
+    teacher_cache: Any = None  # kdzoo.engine.teacher_cache.TeacherCache when configured and usable
 
 
 def load_weights(model: nn.Module, path: str, role: str) -> dict:
@@ -109,4 +112,24 @@ def prepare_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torc
     distiller.bind_dataset(data.info)
     if cfg.runtime.channels_last:
         distiller.to(memory_format=torch.channels_last)
-    return RunParts(cfg, device, data, distiller, rank, world_size)
+    cache = open_teacher_cache(cfg, data, distiller, device) if cfg.teacher.cache else None
+    return RunParts(cfg, device, data, distiller, rank, world_size, cache)
+
+
+def cache_key_for(cfg: Config, data: DataBundle) -> Any:
+    from kdzoo.data.tensor_loader import TensorBatchLoader
+    from kdzoo.engine.teacher_cache import cache_key
+
+    if not isinstance(data.train, TensorBatchLoader) or not cfg.teacher.name or not cfg.teacher.checkpoint:
+        raise UserInputError("the teacher cache needs an in-memory dataset (CIFAR, mnist5k) and a teacher checkpoint")
+    return cache_key(data.train, cfg.teacher.name, cfg.teacher.checkpoint, cfg.data.dataset, data.num_classes)
+
+
+def open_teacher_cache(cfg: Config, data: DataBundle, distiller: Distiller, device: torch.device) -> Any:
+    from kdzoo.engine.teacher_cache import TeacherCache
+
+    if distiller.uses_teacher_features:
+        warnings.warn(f"{distiller.name} reads teacher features, not only logits: teacher.cache is ignored and the "
+                      "live teacher runs", stacklevel=2)
+        return None
+    return TeacherCache(cfg.teacher.cache, cache_key_for(cfg, data), device)

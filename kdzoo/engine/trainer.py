@@ -283,6 +283,8 @@ class Trainer:
             self.export("student_last.pt", record)
 
     def train_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        if self.parts.teacher_cache is not None:
+            batch.extras["teacher_logits"] = self.parts.teacher_cache.lookup(batch.index, batch.extras["view"])
         if self.cfg.runtime.channels_last:
             batch.image = batch.image.contiguous(memory_format=torch.channels_last)
         if self.distiller.performs_own_updates:
