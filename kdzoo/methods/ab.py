@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Batch, Distiller, Progress, Stage
 from kdzoo.methods.fitnet import ConvReg
-from kdzoo.methods.losses import at_least_fp32, ce_and_kd, feature_body
+from kdzoo.methods.losses import at_least_fp32, feature_body
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
 
@@ -86,7 +86,7 @@ class AB(Distiller):
             connected = [conv(f) for conv, f in zip(self.connectors, student.preact[1:])]
             return {"loss_ab": sum(ab_loss_terms(connected, teacher.preact[1:], cfg.margin))}
         teacher_logits = teacher.logits if teacher is not None else None
-        return ce_and_kd(student.logits, teacher_logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        return self.ce_and_kd(student.logits, teacher_logits, batch.target)
 
     def training_step(self, batch: Batch, progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
         if progress.stage == "init" or self.cfg.kd_weight:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdzoo.methods.base import Batch, Distiller, Progress
-from kdzoo.methods.losses import at_least_fp32, autocast_off, ce_and_kd, pool_to_smaller
+from kdzoo.methods.losses import at_least_fp32, autocast_off, pool_to_smaller
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
 
@@ -52,7 +52,7 @@ class AT(Distiller):
     ) -> dict[str, Tensor]:
         assert teacher is not None
         cfg = self.cfg
-        losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
         # RD feat[1:-1]: every stage map after the stem.
         losses["loss_at"] = cfg.feat_weight * sum(at_stage_losses(student.feats[1:], teacher.feats[1:], cfg.p))
         return losses

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
+from kdzoo.methods.losses import ce_and_kd
 from kdzoo.models.taps import FeatureExtractor, Outputs, TapGroup, probe_shapes
 
 
@@ -153,6 +154,12 @@ class Distiller(nn.Module):
         """Optimiser parameter groups for a stage; the references apply one weight decay to all."""
         params = list(self.trainable_parameters(stage))
         return [{"params": params}] if params else []
+
+    def ce_and_kd(self, student_logits: Tensor, teacher_logits: Tensor | None, target: Tensor) -> dict[str, Tensor]:
+        """``w_ce·CE + w_kd·KD(T)`` from the config's ``ce_weight`` / ``kd_weight`` / ``temperature``: the
+        part RepDistiller and SimKD loops add to every method (methods.md §0.2)."""
+        cfg = self.cfg
+        return ce_and_kd(student_logits, teacher_logits, target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
 
     # ---- machinery ----------------------------------------------------------------------------
     @property

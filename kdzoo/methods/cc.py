@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Batch, Distiller, Progress
-from kdzoo.methods.losses import at_least_fp32, autocast_off, ce_and_kd
+from kdzoo.methods.losses import at_least_fp32, autocast_off
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
 
@@ -91,7 +91,7 @@ class CC(Distiller):
     ) -> dict[str, Tensor]:
         assert teacher is not None and student.pooled is not None and teacher.pooled is not None
         cfg = self.cfg
-        losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
         # The teacher's pooled feature is detached, but embed_t itself is trained (RD trainable_list).
         e_s, e_t = self.embed_s(student.pooled), self.embed_t(teacher.pooled)
         if cfg.variant == "rd":

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Batch, DatasetInfo, Distiller, Progress
-from kdzoo.methods.losses import ce_and_kd
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
 
@@ -262,7 +261,7 @@ class CRD(Distiller):
             if not self.sampler.bound:
                 raise UserInputError("crd draws its negatives from the dataset labels: call bind_dataset() first")
             contrast_index = self.sampler(index, cfg.nce_k, self.mode)
-        losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
         loss_s, loss_t = self.contrast_losses(student.pooled, teacher.pooled, index, contrast_index.to(index.device))
         losses["loss_crd"] = cfg.feat_weight * (loss_s + loss_t)
         return losses

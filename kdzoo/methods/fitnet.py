@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Batch, Distiller, Progress, Stage
-from kdzoo.methods.losses import at_least_fp32, ce_and_kd
+from kdzoo.methods.losses import at_least_fp32
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs, features
 
@@ -121,6 +121,6 @@ class FitNet(Distiller):
         loss_hint = cfg.feat_weight * self.hint_loss(student, teacher)
         if progress.stage == "hint":
             return {"loss_fitnet": loss_hint}
-        losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
         losses["loss_fitnet"] = loss_hint
         return losses

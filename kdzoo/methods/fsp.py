@@ -19,7 +19,7 @@ from torch import Tensor
 
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Batch, Distiller, Progress, Stage
-from kdzoo.methods.losses import at_least_fp32, autocast_off, ce_and_kd, feature_body, pool_to_smaller
+from kdzoo.methods.losses import at_least_fp32, autocast_off, feature_body, pool_to_smaller
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
 
@@ -76,12 +76,11 @@ class FSP(Distiller):
 
     def compute_losses(self, student: Outputs, teacher: Outputs | None, batch: Batch,
                        progress: Progress) -> dict[str, Tensor]:
-        cfg = self.cfg
         if progress.stage == "init":
             assert teacher is not None
             return {"loss_fsp": sum(fsp_loss_terms(student.feats, teacher.feats))}
         teacher_logits = teacher.logits if teacher is not None else None
-        return ce_and_kd(student.logits, teacher_logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        return self.ce_and_kd(student.logits, teacher_logits, batch.target)
 
     def training_step(self, batch: Batch, progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
         if progress.stage == "init" or self.cfg.kd_weight:

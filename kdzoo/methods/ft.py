@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.methods.base import Batch, Distiller, Progress, Stage
-from kdzoo.methods.losses import at_least_fp32, ce_and_kd, pool_to_smaller
+from kdzoo.methods.losses import at_least_fp32, pool_to_smaller
 from kdzoo.methods.registry import register_method
 from kdzoo.models.cifar.resnet import CifarResNet
 from kdzoo.models.cifar.wrn import WideResNet
@@ -103,7 +103,7 @@ class FT(Distiller):
         if progress.stage == "init":
             reconstruction = self.paraphraser.decoder(self.paraphraser.encoder(teacher_map))
             return {"loss_ft_reconstruction": F.mse_loss(at_least_fp32(reconstruction), at_least_fp32(teacher_map))}
-        losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
         # RD lets gradients reach the (frozen, never stepped) paraphraser; not computing them changes nothing.
         with torch.no_grad():
             teacher_factor = self.paraphraser.encoder(teacher_map)

@@ -21,7 +21,7 @@ from torch import Tensor
 from kdzoo.errors import UserInputError
 from kdzoo.methods.at import at_stage_losses
 from kdzoo.methods.base import Batch, Distiller, Progress
-from kdzoo.methods.losses import at_least_fp32, ce_and_kd
+from kdzoo.methods.losses import at_least_fp32
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
 
@@ -100,7 +100,7 @@ class JacobianMatching(Distiller):
         """The output-matching terms (CE, KD, AT); :meth:`training_step` adds ``loss_jacobian``."""
         assert teacher is not None
         cfg = self.cfg
-        losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
         if cfg.at_weight:
             losses["loss_at"] = cfg.at_weight * sum(at_stage_losses(student.feats[1:], teacher.feats[1:], cfg.at_p))
         return losses

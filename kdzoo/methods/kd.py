@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from kdzoo.methods.base import Batch, Distiller, Progress
-from kdzoo.methods.losses import ce_and_kd
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
 
@@ -28,5 +27,4 @@ class KD(Distiller):
         self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
     ) -> dict[str, Tensor]:
         assert teacher is not None
-        cfg = self.cfg
-        return ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        return self.ce_and_kd(student.logits, teacher.logits, batch.target)

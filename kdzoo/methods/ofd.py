@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.methods.base import Batch, Distiller, Progress
-from kdzoo.methods.losses import ce_and_kd
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs, bn_before_relu
 
@@ -105,7 +104,7 @@ class OFD(Distiller):
     ) -> dict[str, Tensor]:
         assert teacher is not None
         cfg = self.cfg
-        losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
         stage_terms = self.stage_losses(student.preact[1:], teacher.preact[1:])
         n = len(stage_terms)
         # Deeper stages weigh more: 1/2^(N-1-i) (last stage 1, then 1/2, 1/4).

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from kdzoo.methods.base import Batch, Distiller, Progress
-from kdzoo.methods.losses import at_least_fp32, autocast_off, ce_and_kd
+from kdzoo.methods.losses import at_least_fp32, autocast_off
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
 
@@ -53,6 +53,6 @@ class PKT(Distiller):
     ) -> dict[str, Tensor]:
         assert teacher is not None and student.pooled is not None and teacher.pooled is not None
         cfg = self.cfg
-        losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
         losses["loss_pkt"] = cfg.feat_weight * pkt_loss(student.pooled, teacher.pooled)
         return losses

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdzoo.methods.base import Batch, Distiller, Progress
-from kdzoo.methods.losses import at_least_fp32, autocast_off, ce_and_kd
+from kdzoo.methods.losses import at_least_fp32, autocast_off
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
 
@@ -75,7 +75,7 @@ class RKD(Distiller):
     ) -> dict[str, Tensor]:
         assert teacher is not None and student.pooled is not None and teacher.pooled is not None
         cfg = self.cfg
-        losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
         # A zero weight skips its term (the angle term costs B^2*D memory and B^3 outputs).
         distance, angle = rkd_terms(student.pooled, teacher.pooled, cfg.pdist_eps,
                                     with_distance=bool(cfg.distance_weight), with_angle=bool(cfg.angle_weight))

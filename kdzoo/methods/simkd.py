@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Batch, Distiller, Progress
-from kdzoo.methods.losses import at_least_fp32, ce_and_kd
+from kdzoo.methods.losses import at_least_fp32
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import FeatureExtractor, Outputs, classifier_of
 
@@ -130,7 +130,7 @@ class SimKD(Distiller):
         source, target = align_spatial(student.feats[-1], teacher.feats[-1])
         projected = self.projector(source)
         # SK computes CE/KD on the student's own logits (weighted 0 by default) before replacing them.
-        losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
         losses["loss_simkd"] = cfg.simkd_weight * F.mse_loss(at_least_fp32(projected), at_least_fp32(target))
         return self._deployed.classify(projected), losses
 

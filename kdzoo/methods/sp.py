@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdzoo.methods.base import Batch, Distiller, Progress
-from kdzoo.methods.losses import at_least_fp32, autocast_off, ce_and_kd
+from kdzoo.methods.losses import at_least_fp32, autocast_off
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
 
@@ -48,6 +48,6 @@ class SP(Distiller):
     ) -> dict[str, Tensor]:
         assert teacher is not None
         cfg = self.cfg
-        losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
         losses["loss_sp"] = cfg.feat_weight * sp_loss(student.feats[-1], teacher.feats[-1])
         return losses

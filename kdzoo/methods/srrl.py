@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Batch, Distiller, Progress
-from kdzoo.methods.losses import at_least_fp32, ce_and_kd
+from kdzoo.methods.losses import at_least_fp32
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs, classifier_of
 
@@ -60,7 +60,7 @@ class SRRL(Distiller):
                        progress: Progress) -> dict[str, Tensor]:
         assert teacher is not None and student.pooled is not None and teacher.pooled is not None
         cfg = self.cfg
-        losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
         embedding = self.connector(student.pooled[:, :, None, None]).flatten(1)
         # The classifier belongs to the frozen teacher (requires_grad False): gradients flow only to the connector.
         logits_via_teacher = self._teacher_classifier(embedding)

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.methods.base import Batch, Distiller, Progress
-from kdzoo.methods.losses import ce_and_kd
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
 
@@ -86,6 +85,6 @@ class VID(Distiller):
     ) -> dict[str, Tensor]:
         assert teacher is not None
         cfg = self.cfg
-        losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
         losses["loss_vid"] = cfg.feat_weight * sum(self.stage_losses(student.feats, teacher.feats))
         return losses
