@@ -8,9 +8,12 @@ student its top k+3, each teacher vector is matched with the student vector of l
 (sign-corrected), both are scaled by the teacher's normalised singular values, and RBF correlations
 between consecutive stages are regressed.
 
-The SVD runs in fp32 through ``torch.linalg.svd``, the same LAPACK/cuSOLVER call as the reference's
-``torch.svd``: singular vectors are defined up to sign and the loss depends on the relative sign of
-consecutive stages, so another solver (e.g. ``eigh`` of X^T X) would change the values.
+The teacher's SVD runs in fp32 through ``torch.linalg.svd``, the same LAPACK/cuSOLVER call as the reference's
+``torch.svd``: singular vectors are defined up to sign and the loss depends on the relative sign of the
+teacher's consecutive stages, so another solver (e.g. ``eigh`` of X^T X) would change the values. The
+student's signs do not reach the loss (every student vector is multiplied by the sign of its cosine with the
+teacher's), so its top k+3 vectors come from ``eigh`` of the smaller Gram matrix, several times cheaper than
+the SVD of X (see ``top_right_vectors``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Batch, Distiller, Progress
@@ -52,6 +56,47 @@ def top_singular(feature_map: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return v, sigma
 
 
+class _TopEigenvectors(torch.autograd.Function):
+    """Unit eigenvectors of the ``n`` largest eigenvalues of symmetric matrices A [B, m, m], largest first:
+    [B, m, n]. ``torch.linalg.eigh`` forward; the backward is the first-order perturbation that torch's eigh
+    backward also uses, dq_i = sum_{j != i} q_j q_j^T dA q_i / (l_i - l_j), but only for the n columns that
+    have a gradient. torch's own backward divides by l_j - l_k for every pair, which is 0/0 = NaN for the
+    exactly repeated zero eigenvalues of a rank-deficient Gram matrix (dead channels), pairs that carry no
+    gradient. An exactly zero gap (j == i, or a degenerate top eigenvalue, where the vectors are not even
+    defined) contributes nothing."""
+
+    @staticmethod
+    def forward(ctx, matrix: Tensor, n: int) -> Tensor:  # type: ignore[override]
+        eigenvalues, eigenvectors = torch.linalg.eigh(matrix)  # ascending
+        ctx.save_for_backward(eigenvalues, eigenvectors)
+        ctx.n = n
+        return eigenvectors[..., -n:].flip(-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        eigenvalues, eigenvectors = ctx.saved_tensors
+        top_values, top_vectors = eigenvalues[..., -ctx.n:].flip(-1), eigenvectors[..., -ctx.n:].flip(-1)
+        with autocast_off(grad):  # fp32 like the forward, even if backward() is called inside autocast
+            gap = top_values.unsqueeze(-2) - eigenvalues.unsqueeze(-1)  # [B, m, n]: l_i - l_j
+            coeff = eigenvectors.mT @ grad.to(eigenvectors.dtype)  # q_j . g_i
+            coeff = torch.where(gap == 0, torch.zeros_like(coeff), coeff / gap)
+            return eigenvectors @ coeff @ top_vectors.mT, None
+
+
+def top_right_vectors(feature_map: Tensor, n: int) -> Tensor:
+    """Top-n right-singular vectors V [B, C, n] of X = [B, H*W, C] as ``top_singular`` returns them, up to the
+    sign of each column, from the eigenvectors of the smaller Gram matrix: those of X^T X [C, C] are V; those
+    of X X^T [HW, HW] are U, and V = normalise(X^T U). Same values to fp32 rounding (the top vectors' accuracy
+    is set by their gap to the next, not by squaring the small singular values), at a fraction of the SVD's
+    cost, which also forms U. For the student, whose signs the alignment to the teacher absorbs."""
+    x = feature_map.flatten(2).transpose(1, 2)
+    hw, channels = x.shape[-2:]
+    # X^T U = V diag(sigma): the normalisation below takes it to V.
+    v = _TopEigenvectors.apply(x.mT @ x, n) if hw >= channels else x.mT @ _TopEigenvectors.apply(x @ x.mT, n)
+    return F.normalize(_finite_or_zero(v), dim=1)
+
+
 def align_to_teacher(v_student: Tensor, v_teacher: Tensor) -> Tensor:
     """For each teacher vector, the student vector with the largest |cosine|, times the cosine's sign
     (ties add up, as in the reference's mask product)."""
@@ -75,7 +120,7 @@ def kdsvd_pair_losses(student_feats: Sequence[Tensor], teacher_feats: Sequence[T
         for f_s, f_t in zip(student_feats, teacher_feats, strict=False):
             with torch.no_grad():
                 v_t, sigma_t = top_singular(at_least_fp32(f_t), k)
-            v_s, _ = top_singular(at_least_fp32(f_s), k + 3)
+            v_s = top_right_vectors(at_least_fp32(f_s), k + 3)  # signs are irrelevant: aligned next
             v_s = align_to_teacher(v_s, v_t)
             v_t, v_s = v_t * sigma_t.unsqueeze(1), v_s * sigma_t.unsqueeze(1)
             if previous is not None:

@@ -49,12 +49,51 @@ class ABF(nn.Module):
         x = self.conv1(x)
         if self.att_conv is not None:
             assert residual is not None
-            residual = F.interpolate(residual, size=x.shape[-2:], mode="nearest")
-            weights = self.att_conv(torch.cat([x, residual], dim=1))  # per-pixel weights of the two inputs
-            x = x * weights[:, 0:1] + residual * weights[:, 1:2]
+            x = self.fuse(x, residual)
         if tuple(x.shape[-2:]) != tuple(out_size):
             x = F.interpolate(x, size=tuple(out_size), mode="nearest")
         return self.conv2(x), x
+
+    def fuse(self, x: Tensor, residual: Tensor) -> Tensor:
+        """MD's attention fusion, ``r = interpolate(residual, x's size, "nearest")``,
+        ``w = sigmoid(att_conv(cat([x, r])))``, ``x * w[:, 0:1] + r * w[:, 1:2]``, computed without materialising
+        ``r`` or the concatenation (same values up to fp32 summation order; on CPU it had cost more than the convs):
+
+        - a nearest upscale by an integer factor f repeats every residual pixel f x f times, so the residual is
+          broadcast over a [B, C, h, f, w, f] view of ``x`` instead of being copied to full size (on CPU the
+          ``upsample_nearest2d`` kernel alone took as long as the 3x3 conv after it);
+        - the 1x1 conv over the concatenation is the sum of 1x1 convs over its two halves, and the residual's half
+          commutes with the upscale, so it runs at the residual's (small) size;
+        - a 1x1 conv with only 2 output channels runs as a batched matmul, several times faster than the
+          convolution kernels, forward and backward.
+        """
+        batch, channels, height, width = x.shape
+        r_height, r_width = residual.shape[-2:]
+        if not (_exact_nearest_factor(r_height, height) and _exact_nearest_factor(r_width, width)):
+            residual = F.interpolate(residual, size=(height, width), mode="nearest")  # MD's op, materialised
+            r_height, r_width = height, width
+        fine = (batch, -1, r_height, height // r_height, r_width, width // r_width)  # x's pixels, grouped by r's
+        coarse = (batch, -1, r_height, 1, r_width, 1)
+        conv = self.att_conv[0]
+        weight = conv.weight.view(2, 2 * channels)
+        logits_x = torch.bmm(weight[:, :channels].expand(batch, 2, channels), x.flatten(2))
+        logits_r = torch.bmm(weight[:, channels:].expand(batch, 2, channels), residual.flatten(2))
+        # The bias in the matmuls' dtype, as inside the conv: under autocast the weights stay in half precision.
+        logits = logits_x.view(fine) + logits_r.view(coarse) + conv.bias.to(logits_x.dtype).view(1, 2, 1, 1, 1, 1)
+        weights = torch.sigmoid(logits)  # per-pixel weights of the two inputs
+        # reshape, not view: under channels_last these keep that layout (the reshapes are still free).
+        fused = torch.addcmul(x.reshape(fine) * weights[:, 0:1], residual.reshape(coarse), weights[:, 1:2])
+        return fused.reshape(batch, channels, height, width)
+
+
+def _exact_nearest_factor(size_in: int, size_out: int) -> bool:
+    """Whether ``interpolate(mode="nearest")`` from ``size_in`` to ``size_out`` repeats every input pixel
+    ``size_out // size_in`` times: an integer factor whose reciprocal is exact in fp32 (a power of two, so that
+    the kernel's ``floor(i * (size_in / size_out))`` is ``i // factor``), or a single input pixel."""
+    if size_out % size_in:
+        return False
+    factor = size_out // size_in
+    return size_in == 1 or factor & (factor - 1) == 0
 
 
 def hcl_terms(student_levels: Sequence[Tensor], teacher_levels: Sequence[Tensor]) -> list[Tensor]:
@@ -64,14 +103,27 @@ def hcl_terms(student_levels: Sequence[Tensor], teacher_levels: Sequence[Tensor]
     for s, t in zip(student_levels, teacher_levels):
         s, t = at_least_fp32(s), at_least_fp32(t)
         loss, weight, total = F.mse_loss(s, t), 1.0, 1.0
-        for size in (4, 2, 1):
-            if size >= s.shape[2]:
-                continue
+        sizes = [size for size in (4, 2, 1) if size < s.shape[2]]
+        for pooled_s, pooled_t in zip(_pool_pyramid(s, sizes), _pool_pyramid(t, sizes), strict=True):
             weight /= 2.0
-            loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size))
+            loss = loss + weight * F.mse_loss(pooled_s, pooled_t)
             total += weight
         terms.append(loss / total)
     return terms
+
+
+def _pool_pyramid(x: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+    """``adaptive_avg_pool2d(x, size)`` for decreasing ``sizes``. Where the windows nest (the map divides into
+    equal blocks), a coarser level is the average of the finer one, so it is pooled from that small map instead
+    of from ``x`` again: one pass over the full map forward, one backward, instead of one per size."""
+    pooled, source = [], x
+    for size in sizes:
+        nested = source.shape[2] % size == 0 and source.shape[3] % size == 0
+        out = F.adaptive_avg_pool2d(source if nested else x, size)
+        if nested:  # exact block means of x: a valid source for every size that divides it
+            source = out
+        pooled.append(out)
+    return pooled
 
 
 def _levels(maps: Sequence[Tensor], pooled: Tensor) -> list[Tensor]:
