@@ -77,7 +77,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Range and consistency checks the type system cannot express."""
-    from kdzoo.methods.base import build_method_config
+    from kdzoo.methods.base import build_method_config, stage_overrides
     from kdzoo.methods.registry import method_class
     from kdzoo.models.registry import canonical_name
 
@@ -107,6 +107,7 @@ def validate(cfg: Config) -> None:
         raise UserInputError("method.name is missing (e.g. method.name=kd; `kdzoo list methods` shows all)")
     method_cls = method_class(str(cfg.method["name"]))
     build_method_config(method_cls, dict(cfg.method), {})
+    stage_overrides(dict(cfg.method), {})
     canonical_name(cfg.student.name)
     if method_cls.requires_teacher:
         if not cfg.teacher.name:

@@ -12,7 +12,7 @@ under mdistiller's key names, so ``state_dict()`` / ``load_state_dict()`` resume
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -170,6 +170,7 @@ def dot_backward_step(
     task_loss: Tensor | float,
     distill_loss: Tensor | float,
     grad_scaler: torch.amp.GradScaler | None = None,
+    sync_grads: Callable[[], None] | None = None,
 ) -> bool:
     """Everything after the forward of one DOT iteration (MD ``DOT.train_iter``): zero the gradients, backward
     of the distillation loss keeping the graph, record its gradients, zero, backward of the task loss, update.
@@ -177,6 +178,10 @@ def dot_backward_step(
     With an enabled ``grad_scaler`` both losses are scaled, both gradient sets are unscaled, the update is
     skipped if either holds an inf/NaN, and ``grad_scaler.update()`` is called (the whole AMP iteration).
     Returns whether the parameters were updated.
+
+    ``sync_grads`` runs after each of the two backward passes: under DDP the trainer runs the forward in
+    ``no_sync()`` (DDP's reducer fires once per forward, so it would average only the first backward's
+    gradients) and averages each gradient set across processes itself.
     """
     scaling = grad_scaler is not None and grad_scaler.is_enabled()
 
@@ -186,9 +191,13 @@ def dot_backward_step(
 
     optimizer.zero_grad(set_to_none=True)
     backward(distill_loss, retain_graph=True)
+    if sync_grads is not None:
+        sync_grads()
     optimizer.record_distill_grads()
     optimizer.zero_grad(set_to_none=True)
     backward(task_loss, retain_graph=False)
+    if sync_grads is not None:
+        sync_grads()
     if not scaling:
         optimizer.step()
         return True

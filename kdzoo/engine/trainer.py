@@ -8,6 +8,7 @@ synchronisation: losses and the non-finite flags are accumulated on the device a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -104,7 +105,7 @@ class Trainer:
         self.run_dir = run_dir
         self.is_main = is_main
         self.state = TrainState()
-        self.stages = self.distiller.stages()
+        self.stages = self.distiller.training_stages()
         self.amp = self.cfg.runtime.amp
         self.amp_dtype = amp_dtype(self.device, self.cfg.runtime.amp_dtype)
         use_scaler = self.amp and self.amp_dtype == torch.float16 and self.device.type == "cuda"
@@ -263,6 +264,7 @@ class Trainer:
             bar.close()
         self._check_finite(bad_terms, stage)
         self._check_teacher()
+        self._check_replicas_agree()
         record: dict[str, Any] = {"stage": stage.name, "epoch": s.epoch, "step": s.global_step,
                                   "lr": self.optimizer.param_groups[0]["lr"]}
         record.update({f"train/{k}": float(v) / max(s.epoch_steps, 1) for k, v in sums.items()})
@@ -291,17 +293,24 @@ class Trainer:
             with autocast(self.device, self.amp, self.amp_dtype):
                 _, losses = self.distiller.update_step(batch, progress, self._apply_update)
             return losses
-        with autocast(self.device, self.amp, self.amp_dtype):
+        splits = getattr(self.optimizer, "splits_losses", False)
+        distributed = self.parts.world_size > 1
+        # DOT backpropagates twice per forward; DDP would average only the first pass (see dot.py).
+        def sync_context() -> contextlib.AbstractContextManager:
+            return self.model.no_sync() if splits and distributed else contextlib.nullcontext()
+
+        with sync_context(), autocast(self.device, self.amp, self.amp_dtype):
             _, losses = self.model(batch, progress)
         if not losses:
             raise UserInputError(f"{self.distiller.name} returned no losses in stage {progress.stage!r}")
-        splits = getattr(self.optimizer, "splits_losses", False)
         if splits:
             from kdzoo.engine.dot import dot_backward_step
 
             task = sum(v for k, v in losses.items() if k == "loss_ce")
             distill = sum(v for k, v in losses.items() if k != "loss_ce")
-            dot_backward_step(self.optimizer, task, distill, self.scaler if self.scaler.is_enabled() else None)
+            with sync_context():
+                dot_backward_step(self.optimizer, task, distill, self.scaler if self.scaler.is_enabled() else None,
+                                  sync_grads=self._average_grads if distributed else None)
             return losses
         total = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
@@ -313,6 +322,19 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return losses
+
+    def _average_grads(self) -> None:
+        import torch.distributed as dist
+
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.parts.world_size
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
 
     def _apply_update(self, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -336,6 +358,21 @@ class Trainer:
                 f"before step {s.step_in_epoch} of the epoch (global step {s.global_step}); training stopped, the "
                 f"last checkpoint in {self.run_dir} is intact. Lower optim.lr, or set runtime.nonfinite=skip."
             )
+
+    def _check_replicas_agree(self) -> None:
+        """Under DDP every process must hold the same trainable weights; a gradient that escaped the
+        all-reduce would let them drift apart silently. One small all-reduce per epoch checks it."""
+        if self.parts.world_size <= 1:
+            return
+        import torch.distributed as dist
+
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        print_ = torch.stack([p.detach().double().sum() for p in params])
+        low, high = print_.clone(), print_.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise RuntimeError(f"DDP replicas diverged during epoch {self.state.epoch}: the processes' weights differ")
 
     def _check_teacher(self) -> None:
         if self._teacher_print is None:

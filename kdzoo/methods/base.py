@@ -69,6 +69,18 @@ class Stage:
     use_schedule: bool = True
 
 
+@dataclass
+class StageOverride:
+    """``method.stages: [{name: init, epochs: 10, lr: 0.01}, ...]`` in a config: changes a stage the
+    method declares (which losses a stage computes stays the method's, keyed by the stage name)."""
+
+    name: str = "main"
+    epochs: int | None = None
+    trainable: list[str] | None = None
+    lr: float | None = None
+    use_schedule: bool | None = None
+
+
 class Distiller(nn.Module):
     """Base class of every method (including the teacher-free cross-entropy baseline)."""
 
@@ -100,6 +112,7 @@ class Distiller(nn.Module):
         if self.requires_teacher and teacher is None:
             raise UserInputError(f"method {self.name!r} needs a teacher; none was given")
         self.cfg = build_method_config(type(self), cfg, hparams)
+        self.stage_overrides = stage_overrides(cfg, hparams)
         self.input_shape = tuple(input_shape)
         self.student = student
         self.teacher = teacher
@@ -123,6 +136,21 @@ class Distiller(nn.Module):
     def stages(self) -> list[Stage]:
         """Training stages in order; most methods have just the main one."""
         return [Stage()]
+
+    def training_stages(self) -> list[Stage]:
+        """:meth:`stages` with the config's ``method.stages`` overrides applied (what the trainer runs)."""
+        stages = self.stages()
+        by_name = {s.name: s for s in stages}
+        for override in self.stage_overrides:
+            if override.name not in by_name:
+                raise UserInputError(
+                    f"method.stages names stage {override.name!r}, but {self.name} has the stages {list(by_name)}"
+                )
+            changes = {k: v for k, v in dataclasses.asdict(override).items() if k != "name" and v is not None}
+            if "trainable" in changes:
+                changes["trainable"] = tuple(changes["trainable"])
+            by_name[override.name] = dataclasses.replace(by_name[override.name], **changes)
+        return [by_name[s.name] for s in stages]
 
     def bind_dataset(self, info: DatasetInfo) -> None:
         """Called once before training with facts about the training set (default: nothing)."""
@@ -269,4 +297,19 @@ def build_method_config(cls: type[Distiller], cfg: Any, hparams: dict[str, Any])
         overrides.update(OmegaConf.to_container(OmegaConf.create(cfg)) if not isinstance(cfg, dict) else cfg)
     overrides.update(hparams)
     overrides.pop("name", None)
+    overrides.pop("stages", None)  # validated by stage_overrides()
     return merge_into_schema(cls.Config, overrides, path=f"method ({cls.name})")
+
+
+def stage_overrides(cfg: Any, hparams: dict[str, Any]) -> list[StageOverride]:
+    from kdzoo.config.validate import merge_into_schema
+
+    raw = hparams.get("stages")
+    if raw is None and cfg is not None and not dataclasses.is_dataclass(cfg):
+        raw = OmegaConf.to_container(OmegaConf.create(cfg)).get("stages") if not isinstance(cfg, dict) else cfg.get(
+            "stages")
+    if raw is None:
+        return []
+    if not isinstance(raw, (list, tuple)) and not OmegaConf.is_list(raw):
+        raise UserInputError("method.stages must be a list of {name, epochs, trainable, lr, use_schedule} entries")
+    return [merge_into_schema(StageOverride, dict(entry), path=f"method.stages[{i}]") for i, entry in enumerate(raw)]

@@ -52,3 +52,21 @@ def test_base_cycle_and_missing_base(tmp_path):
     (tmp_path / "d.yaml").write_text("data: [1, 2\n")
     with pytest.raises(UserInputError, match="not valid YAML"):
         load_config(tmp_path / "d.yaml")
+
+
+def test_method_stages_are_configurable():
+    import kdzoo
+
+    recipe = REPO_ROOT / "configs" / "cifar100" / "ab" / "resnet32x4_resnet8x4.yaml"
+    cfg = load_config(recipe, ["method.stages=[{name: init, epochs: 3, lr: 0.02}]"])
+    teacher, student = kdzoo.create_model("resnet8x4"), kdzoo.create_model("resnet8x4")
+    distiller = kdzoo.create_distiller("ab", teacher=teacher, student=student, cfg=dict(cfg.method))
+    declared = {s.name: s for s in distiller.stages()}
+    stages = distiller.training_stages()
+    assert [s.name for s in stages] == ["init", "main"]
+    assert (stages[0].epochs, stages[0].lr) == (3, 0.02) and declared["init"].epochs == 30  # RD: 30 epochs
+    assert stages[0].trainable == declared["init"].trainable and stages[1] == declared["main"]
+    with pytest.raises(UserInputError, match=r"names stage 'warmup', but ab has the stages \['init', 'main'\]"):
+        kdzoo.create_distiller("ab", teacher=teacher, student=student, stages=[{"name": "warmup"}]).training_stages()
+    with pytest.raises(UserInputError, match=r"unknown config key 'method.stages\[0\].epoch'"):
+        load_config(recipe, ["method.stages=[{name: init, epoch: 3}]"])

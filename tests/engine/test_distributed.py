@@ -15,7 +15,10 @@ from tests.conftest import REPO_ROOT
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_gloo(tmp_path):
+@pytest.mark.parametrize("optim", ["sgd", "dot"])
+def test_torchrun_two_processes_gloo(tmp_path, optim):
+    """The trainer checks every epoch that both replicas hold identical weights; DOT's two backward
+    passes per forward are averaged across processes by hand (dot.py), which this exercises."""
     teacher = tmp_path / "teacher.pth"
     torch.save({"model": kdzoo.create_model("resnet8", num_classes=10).state_dict()}, teacher)
     config = tmp_path / "ddp.yaml"
@@ -24,7 +27,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
         "data: {dataset: mnist5k, batch_size: 16, subset: 128, test_subset: 64}\n"
         f"teacher: {{name: resnet8, checkpoint: {teacher}}}\n"
         "student: {name: resnet8}\nmethod: {name: kd}\n"
-        "schedule: {epochs: 2, milestones: [1]}\n"
+        f"schedule: {{epochs: 2, milestones: [1]}}\noptim: {{name: {optim}}}\n"
         "runtime: {device: cpu, progress: false, tensorboard: false, threads: 1}\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
