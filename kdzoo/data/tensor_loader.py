@@ -119,13 +119,13 @@ class TensorBatchLoader:
         pad = self.augment.padding
         b, c, h, w = images_u8.shape
         padded = F.pad(images_u8, (pad, pad, pad, pad))
-        rows = (crop_y[:, None] + torch.arange(h, device=self.device))[:, None, :, None]
+        # Two gathers (rows, then columns) move 2x fewer index values than one 4-D advanced index.
+        rows = crop_y[:, None] + torch.arange(h, device=self.device)
+        picked_rows = padded.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * pad))
         cols = torch.arange(w, device=self.device).expand(b, w)
         # Flipping = reading the crop's columns right to left.
         cols = torch.where(flip[:, None], cols.flip(1), cols) + crop_x[:, None]
-        batch_idx = torch.arange(b, device=self.device)[:, None, None, None]
-        chan_idx = torch.arange(c, device=self.device)[None, :, None, None]
-        return padded[batch_idx, chan_idx, rows, cols[:, None, None, :]]
+        return picked_rows.gather(3, cols[:, None, None, :].expand(b, c, h, w))
 
     def iterate(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         plan = self.plan(epoch)
