@@ -73,6 +73,7 @@ def run_bench(
     warmup: int = 3,
     steps: int = 20,
     num_classes: int = 100,
+    with_cache: bool = False,
 ) -> list[Timing]:
     device = torch.device(device_name)
     torch.manual_seed(0)
@@ -120,6 +121,13 @@ def run_bench(
         distiller.train()
         times = time_steps(method_step, device, warmup, steps)
         results.append(_summary(name, times, device, distiller.num_extra_parameters()))
+        if with_cache and distiller.teacher is not None and not distiller.uses_teacher_features:
+            # Teacher logits looked up (kdzoo cache) instead of computed: compare with "student only".
+            with torch.no_grad():
+                cached = teacher(images)
+            cached_batch = Batch(images, target, index, {"teacher_logits": cached})
+            times = time_steps(lambda cb=cached_batch: method_step(b=cb), device, warmup, steps)
+            results.append(_summary(f"{name} + teacher cache", times, device, distiller.num_extra_parameters()))
         del distiller, method_opt
         gc.collect()
     return results

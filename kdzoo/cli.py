@@ -104,7 +104,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run_bench(args.teacher, args.student, args.batch_size, args.device,
-                        args.methods.split(",") if args.methods else None, args.warmup, args.steps)
+                        args.methods.split(",") if args.methods else None, args.warmup, args.steps,
+                        with_cache=args.with_cache)
     command = "kdzoo bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "kdzoo bench"
     header = (f"`{command}` — {args.teacher} -> {args.student}, batch {args.batch_size}, {args.device}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--with-cache", action="store_true",
+                       help="also time logits-only methods with teacher logits from the cache")
     bench.set_defaults(func=cmd_bench)
 
     cache = sub.add_parser("cache", help="build or verify the exact teacher-output cache of a config")
