@@ -131,3 +131,26 @@ def test_teacher_that_changes_is_caught(tmp_path):
     finally:
         KD.compute_losses = original
     assert not checkpoint_io.list_checkpoints(tmp_path / "runs" / "tamper")
+
+
+def test_nonfinite_skip_mode_skips_the_bad_step_and_finishes(tmp_path):
+    from kdzoo.methods.kd import KD
+
+    original = KD.compute_losses
+    calls = {"n": 0}
+
+    def poisoned(self, student, teacher, batch, progress):
+        losses = original(self, student, teacher, batch, progress)
+        calls["n"] += 1
+        if calls["n"] == 2:  # one NaN step in the middle of the epoch
+            losses["loss_kd"] = losses["loss_kd"] * float("nan")
+        return losses
+
+    KD.compute_losses = poisoned
+    try:
+        summary = run_training(_cfg(tmp_path, "skip", {"name": "kd"}, epochs=1, nonfinite="skip"))
+    finally:
+        KD.compute_losses = original
+    weights = _student_weights(summary["run_dir"])
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    assert summary["last_top1"] is not None
