@@ -155,3 +155,36 @@ def format_table(results: list[Timing], header: str) -> str:
         lines.append(f"| {r.name} | {r.median:.4f} | {r.low:.4f} | {r.high:.4f} | {r.median / floor:.2f} | "
                      f"{r.extra_params:,} | {peak} |")
     return "\n".join(lines)
+
+
+def time_epoch(method: str, teacher_name: str, student_name: str, batch_size: int, device_name: str,
+               data_root: str, samples: int, output_dir: str) -> Timing:
+    """One epoch of ``kdzoo train`` over the first ``samples`` CIFAR-100 training images: the real data
+    pipeline, trainer, logging and checkpointing (random-weight teacher; no evaluation). Reported as
+    s/step over the epoch so it compares with the step timings."""
+    import tempfile
+    from pathlib import Path
+
+    from kdzoo.config.loader import config_from_dict
+    from kdzoo.engine.run import run_training
+
+    with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
+        teacher_file = Path(tmp) / "teacher.pth"
+        torch.save({"model": create_model(teacher_name, num_classes=100).state_dict()}, teacher_file)
+        cfg = config_from_dict({
+            "experiment": {"name": "epoch", "output_dir": tmp},
+            "data": {"dataset": "cifar100", "root": data_root, "batch_size": batch_size, "subset": samples,
+                     "test_subset": batch_size},
+            "teacher": {"name": teacher_name, "checkpoint": str(teacher_file)},
+            "student": {"name": student_name}, "method": {"name": method},
+            "schedule": {"epochs": 1, "milestones": []},
+            "runtime": {"device": device_name, "progress": False, "tensorboard": False},
+        })
+        summary = run_training(cfg)
+        import json
+
+        record = json.loads((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1])
+    steps = record["step"]
+    per_step = record["epoch_time_s"] / steps
+    return Timing(f"{method}: full epoch, {samples} images, real pipeline ({steps} steps)", per_step, per_step,
+                  per_step, 0, _peak_mb(torch.device(device_name)))

@@ -110,6 +110,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     header = (f"`{command}` — {args.teacher} -> {args.student}, batch {args.batch_size}, {args.device}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
               f"{platform.processor() or platform.machine()}")
+    if args.epoch_samples:
+        from kdzoo.bench import time_epoch
+
+        results.append(time_epoch("kd", args.teacher, args.student, args.batch_size, args.device, args.data_root,
+                                  args.epoch_samples, args.output_dir))
     print(format_table(results, header))
     return 0
 
@@ -177,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--epoch-samples", type=int, default=0,
+                       help="also time one KD epoch of the real trainer over the first N CIFAR-100 images")
+    bench.add_argument("--data-root", default="../shared/data")
+    bench.add_argument("--output-dir", default=".", help="where the epoch timing's temporary run goes")
     bench.add_argument("--with-cache", action="store_true",
                        help="also time logits-only methods with teacher logits from the cache")
     bench.set_defaults(func=cmd_bench)

@@ -147,3 +147,19 @@ def test_bad_files_and_incompatible_pairs_exit_2(tmp_path, capsys, data_root, mo
     assert message in err and err.count("\n") == 1, err
     assert not out.exists()
     assert not (tmp_path / "kdzoo_exploit_ran").exists()
+
+
+def test_bench_prints_floor_methods_and_epoch(tmp_path, capsys, data_root):
+    code = main(["bench", "--teacher", "resnet8", "--student", "resnet8", "--batch-size", "4", "--steps", "2",
+                 "--warmup", "0", "--methods", "kd,fitnet", "--with-cache", "--epoch-samples", "16",
+                 "--data-root", str(data_root), "--output-dir", str(tmp_path)])
+    assert code == 0
+    table = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line.split("|") for line in table.splitlines() if line.startswith("| ")}
+    assert rows["floor (teacher fwd + student step)"][5].strip() == "1.00"
+    assert {"student only", "kd", "kd + teacher cache", "fitnet"} <= set(rows)
+    assert "fitnet + teacher cache" not in rows  # feature methods need the live teacher
+    # FitNet ConvReg on resnet8 hint layer 2 (32 channels): 1x1 conv 32*32 + bias 32 + BatchNorm 2*32.
+    assert rows["fitnet"][6].strip() == "1,120"
+    epoch = next(name for name in rows if name.startswith("kd: full epoch, 16 images"))
+    assert "(4 steps)" in epoch and float(rows[epoch][2]) > 0
