@@ -323,10 +323,13 @@ class Trainer:
         self.scaler.update()
         return losses
 
+    def _optimized_params(self) -> list[nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     def _average_grads(self) -> None:
         import torch.distributed as dist
 
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in self._optimized_params() if p.grad is not None]
         if grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat)
@@ -343,7 +346,7 @@ class Trainer:
         self.scaler.update()
 
     def _grads_finite(self) -> bool:
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in self._optimized_params() if p.grad is not None]
         return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
 
     def _check_finite(self, bad_terms: dict[str, Tensor], stage: Stage) -> None:
@@ -366,7 +369,7 @@ class Trainer:
             return
         import torch.distributed as dist
 
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        params = self._optimized_params()
         print_ = torch.stack([p.detach().double().sum() for p in params])
         low, high = print_.clone(), print_.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)

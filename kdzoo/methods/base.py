@@ -292,22 +292,25 @@ def build_method_config(cls: type[Distiller], cfg: Any, hparams: dict[str, Any])
 
     if not dataclasses.is_dataclass(cls.Config):
         return None
-    overrides: dict[str, Any] = {}
-    if cfg is not None:
-        overrides.update(OmegaConf.to_container(OmegaConf.create(cfg)) if not isinstance(cfg, dict) else cfg)
-    overrides.update(hparams)
+    overrides = method_values(cfg, hparams)
     overrides.pop("name", None)
     overrides.pop("stages", None)  # validated by stage_overrides()
     return merge_into_schema(cls.Config, overrides, path=f"method ({cls.name})")
 
 
+def method_values(cfg: Any, hparams: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` (dataclass / dict / DictConfig / None) as a plain dict, updated with keyword overrides."""
+    values: dict[str, Any] = {}
+    if cfg is not None:
+        values.update(cfg if isinstance(cfg, dict) else OmegaConf.to_container(OmegaConf.create(cfg)))
+    values.update(hparams)
+    return values
+
+
 def stage_overrides(cfg: Any, hparams: dict[str, Any]) -> list[StageOverride]:
     from kdzoo.config.validate import merge_into_schema
 
-    raw = hparams.get("stages")
-    if raw is None and cfg is not None and not dataclasses.is_dataclass(cfg):
-        raw = OmegaConf.to_container(OmegaConf.create(cfg)).get("stages") if not isinstance(cfg, dict) else cfg.get(
-            "stages")
+    raw = method_values(cfg, hparams).get("stages")
     if raw is None:
         return []
     if not isinstance(raw, (list, tuple)) and not OmegaConf.is_list(raw):
