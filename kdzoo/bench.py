@@ -5,6 +5,11 @@ the student's forward, backward and SGD step on the same batch. Every method's f
 forward, student forward with its taps, the method's losses, backward through student and extra
 modules, SGD step) is timed on the same batch in the same process, so the ratio is meaningful on
 any machine. Median of ``steps`` timed steps after ``warmup`` untimed ones.
+
+Each step's floating-point operations are also counted (``torch.utils.flop_counter``: convolutions and
+matrix products, forward and backward), so a method whose extra modules add real compute (ReviewKD's
+fusion convs, SemCKD's per-pair heads) can be told apart from one that wastes time: the FLOP ratio is
+the floor that method cannot go below at the same hardware efficiency.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class Timing:
     high: float
     extra_params: int = 0
     peak_mb: float | None = None
+    flops: float | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -60,8 +66,22 @@ def _peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _summary(name: str, times: list[float], device: torch.device, extra: int = 0) -> Timing:
-    return Timing(name, statistics.median(times), min(times), max(times), extra, _peak_mb(device))
+def count_flops(step: Callable[[], None]) -> float | None:
+    """FLOPs of one call of ``step`` (matmul/conv family, forward and backward); None where the counter
+    cannot follow the step (double backward through hooks, as Jacobian matching does)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            step()
+    except RuntimeError:
+        return None
+    return float(counter.get_total_flops())
+
+
+def _summary(name: str, times: list[float], device: torch.device, extra: int = 0,
+             flops: float | None = None) -> Timing:
+    return Timing(name, statistics.median(times), min(times), max(times), extra, _peak_mb(device), flops)
 
 
 def run_bench(
@@ -98,9 +118,9 @@ def run_bench(
 
         return step
 
-    results.append(_summary("floor (teacher fwd + student step)", time_steps(floor_step(True), device, warmup, steps),
-                            device))
-    results.append(_summary("student only", time_steps(floor_step(False), device, warmup, steps), device))
+    for label, with_teacher in (("floor (teacher fwd + student step)", True), ("student only", False)):
+        step = floor_step(with_teacher)
+        results.append(_summary(label, time_steps(step, device, warmup, steps), device, 0, count_flops(step)))
 
     for name in methods or list(list_methods()):
         distiller = _build(name, teacher, student_name, num_classes, device)
@@ -120,14 +140,15 @@ def run_bench(
 
         distiller.train()
         times = time_steps(method_step, device, warmup, steps)
-        results.append(_summary(name, times, device, distiller.num_extra_parameters()))
+        results.append(_summary(name, times, device, distiller.num_extra_parameters(), count_flops(method_step)))
         if with_cache and distiller.teacher is not None and not distiller.uses_teacher_features:
             # Teacher logits looked up (kdzoo cache) instead of computed: compare with "student only".
             with torch.no_grad():
                 cached = teacher(images)
             cached_batch = Batch(images, target, index, {"teacher_logits": cached})
             times = time_steps(lambda cb=cached_batch: method_step(b=cb), device, warmup, steps)
-            results.append(_summary(f"{name} + teacher cache", times, device, distiller.num_extra_parameters()))
+            results.append(_summary(f"{name} + teacher cache", times, device, distiller.num_extra_parameters(),
+                                    count_flops(lambda cb=cached_batch: method_step(b=cb))))
         del distiller, method_opt
         gc.collect()
     return results
@@ -147,12 +168,21 @@ def _build(name: str, teacher: torch.nn.Module, student_name: str, num_classes: 
 
 
 def format_table(results: list[Timing], header: str) -> str:
-    floor = results[0].median
-    lines = [header, "", "| step | s/step (median) | min | max | × floor | extra params | peak MB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """Markdown table. ``× floor``: time ratio to the first row; ``FLOPs × floor``: the same for counted
+    FLOPs (the ratio the step's own compute sets); ``time / FLOPs``: the first over the second, 1.00 when
+    the step runs its extra work as efficiently as the floor runs the networks."""
+    floor, floor_flops = results[0].median, results[0].flops
+    lines = [header, "", "| step | s/step (median) | min | max | × floor | GFLOP/step | FLOPs × floor | time / FLOPs "
+             "| extra params | peak MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-"
-        lines.append(f"| {r.name} | {r.median:.4f} | {r.low:.4f} | {r.high:.4f} | {r.median / floor:.2f} | "
+        ratio = r.median / floor
+        if r.flops is not None and floor_flops:
+            flop_ratio = r.flops / floor_flops
+            flop_cells = f"{r.flops / 1e9:.4g} | {flop_ratio:.3f} | {ratio / flop_ratio:.2f}"
+        else:
+            flop_cells = "- | - | -"
+        lines.append(f"| {r.name} | {r.median:.4f} | {r.low:.4f} | {r.high:.4f} | {ratio:.2f} | {flop_cells} | "
                      f"{r.extra_params:,} | {peak} |")
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdzoo import collectives
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Batch, DatasetInfo, Distiller, Progress
 from kdzoo.methods.registry import register_method
@@ -44,21 +45,61 @@ def _uniform_below(bound: Tensor, shape: tuple[int, ...], generator: torch.Gener
     return raw % bound
 
 
+def first_distinct(draws: Tensor, k: int, num_values: int) -> Tensor:
+    """The first ``k`` distinct values of every row of ``draws`` (values in [0, num_values)), in draw order;
+    each row must hold at least ``k`` distinct values. Rows of iid uniform draws give uniform k-subsets.
+
+    Vectorised two ways with the same result: a [rows, num_values] table of each value's first draw
+    position (``scatter_reduce`` amin, one pass; used when the table is at most 4x the draws, as for
+    CIFAR's 16,384 of ~50,000), or a stable sort of every row (ImageNet: 16,384 of 1.28M)."""
+    rows, length = draws.shape
+    position = torch.arange(length, device=draws.device).expand(rows, length)
+    if num_values <= 4 * length:
+        first = torch.full((rows, num_values), length, dtype=torch.long, device=draws.device)
+        first.scatter_reduce_(1, draws, position, reduce="amin")
+        is_first = first.gather(1, draws) == position
+        rank = is_first.cumsum(1) - 1
+        # The first k go to their rank; every other draw to its own spare column (no duplicate targets,
+        # so the scatter is deterministic on every device).
+        slot = torch.where(is_first & (rank < k), rank, k + position)
+        out = torch.empty((rows, k + length), dtype=draws.dtype, device=draws.device)
+        return out.scatter_(1, slot, draws)[:, :k]
+    # A stable sort groups equal values and keeps draw order within a group, so the first of each group is
+    # that value's first occurrence and ``perm`` holds its draw position.
+    values, perm = draws.sort(dim=1, stable=True)
+    is_first = torch.ones_like(values, dtype=torch.bool)
+    is_first[:, 1:] = values[:, 1:] != values[:, :-1]
+    # The k earliest first occurrences (repeats ranked behind all of them), in draw order.
+    earliest = torch.where(is_first, perm, perm + length).topk(k, dim=1, largest=False).values % length
+    return draws.gather(1, earliest)
+
+
+def _mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 finaliser over their sequence): neighbouring inputs give
+    unrelated seeds, so streams of consecutive calls or ranks do not overlap in structure."""
+    mask = (1 << 64) - 1
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & mask)) * 0xBF58476D1CE4E5B9 & mask
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & mask
+        state ^= state >> 29
+    return state >> 1
+
+
 class ContrastSampler(nn.Module):
     """Draws RepDistiller's contrast indices: column 0 the positive (the sample itself in ``exact`` mode,
     a random sample of its class in ``relax`` mode), then K negatives from the other classes, distinct
     when K <= #negatives (``np.random.choice(..., replace=False)``), independent otherwise.
 
-    Batched on the batch's device with its own ``torch.Generator``; the generator's seed, call count and
-    state are the module's extra state, so checkpoints restore the exact stream (on another device type
-    the stream is re-seeded from seed and call count)."""
+    Batched on the batch's device. Call n of process r draws from a generator seeded with a hash of
+    (seed, n, r): the stream depends on nothing else, so a checkpoint needs only (seed, n) to resume it
+    exactly, on any device, and under DDP every process draws its own negatives (RD's data-loader
+    workers draw independently too)."""
 
     def __init__(self, seed: int):
         super().__init__()
         self.seed = seed
         self.calls = 0
-        self._generator: torch.Generator | None = None
-        self._pending_state: dict[str, Any] | None = None
         self.dedupe_draws: int | None = None
         self.some_need_replacement = False
         for name in ("class_order", "class_start", "class_count", "sample_class"):
@@ -91,43 +132,22 @@ class ContrastSampler(nn.Module):
                 self.dedupe_draws = int(draws)
 
     def _rng(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            state = self._pending_state
-            if state is not None and state["device_type"] == device.type and state["rng_state"].numel():
-                self._generator.set_state(state["rng_state"])
-            else:
-                self._generator.manual_seed(self.seed + self.calls)
-            self._pending_state = None
-        return self._generator
+        generator = torch.Generator(device=device)
+        generator.manual_seed(_mix_seed(self.seed, self.calls, collectives.rank()))
+        return generator
 
     def get_extra_state(self) -> dict[str, Any]:
-        gen = self._generator
-        return {
-            "seed": self.seed,
-            "calls": self.calls,
-            "device_type": gen.device.type if gen is not None else "",
-            "rng_state": gen.get_state() if gen is not None else torch.zeros(0, dtype=torch.uint8),
-        }
+        return {"seed": self.seed, "calls": self.calls}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.seed, self.calls = int(state["seed"]), int(state["calls"])
-        self._generator, self._pending_state = None, state
 
     def _distinct(self, bound: Tensor, k: int, gen: torch.Generator) -> Tensor:
         """[B, k] values, row b a uniform k-subset of [0, bound_b) (rows with bound_b < k: unspecified)."""
         rows = bound.shape[0]
         if self.dedupe_draws is not None:
-            length = self.dedupe_draws
-            draws = _uniform_below(bound[:, None], (rows, length), gen)
-            # A stable sort groups equal values and keeps draw order within a group, so the first of
-            # each group is that value's first occurrence; ``perm`` holds its draw position.
-            values, perm = draws.sort(dim=1, stable=True)
-            is_first = torch.ones_like(values, dtype=torch.bool)
-            is_first[:, 1:] = values[:, 1:] != values[:, :-1]
-            # The k earliest first occurrences (repeats ranked behind all of them).
-            earliest = torch.where(is_first, perm, perm + length).topk(k, dim=1, largest=False).values % length
-            return draws.gather(1, earliest)
+            draws = _uniform_below(bound[:, None], (rows, self.dedupe_draws), gen)
+            return first_distinct(draws, k, int(self.class_order.numel()))
         width = int(self.class_order.numel())
         if k > width:  # every row has fewer than k negatives: all are drawn with replacement by the caller
             return torch.zeros((rows, k), dtype=torch.long, device=bound.device)
@@ -232,7 +252,8 @@ class CRD(Distiller):
             out_s = torch.exp(self._scores(self.memory_teacher.float(), contrast_index, v_s) / cfg.nce_t)
             out_t = torch.exp(self._scores(self.memory_student.float(), contrast_index, v_t) / cfg.nce_t)
             with torch.no_grad():  # Z = mean(exp) * N from the first batch only, a constant for the loss
-                first = torch.stack([out_s.mean(), out_t.mean()]) * num_data
+                # Under DDP: the mean over every process's batch, as one process with the global batch.
+                first = collectives.average(torch.stack([out_s.mean(), out_t.mean()])) * num_data
                 self.normalizer.copy_(torch.where(self.normalizer < 0, first, self.normalizer))
             z = self.normalizer.clone()
             loss_s = nce_loss(out_s / z[0], num_data)
@@ -243,7 +264,11 @@ class CRD(Distiller):
     @torch.no_grad()
     def _update_memory(self, index: Tensor, v_s: Tensor, v_t: Tensor) -> None:
         # RD: rows of the batch's own samples <- normalize(m * row + (1 - m) * v), after scoring.
+        # Under DDP every process applies every process's rows, so the banks stay identical and equal to
+        # one process's with the global batch (DDP's buffer broadcast from rank 0 would otherwise keep
+        # only rank 0's updates).
         m = self.cfg.nce_momentum
+        index, v_s, v_t = (collectives.gather_cat(t) for t in (index, v_s.detach(), v_t.detach()))
         for bank, v in ((self.memory_student, v_s), (self.memory_teacher, v_t)):
             rows = bank.index_select(0, index).float().mul_(m).add_(v.detach() * (1 - m))
             bank.index_copy_(0, index, _l2_normalize(rows).to(bank.dtype))

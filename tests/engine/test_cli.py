@@ -160,6 +160,11 @@ def test_bench_prints_floor_methods_and_epoch(tmp_path, capsys, data_root):
     assert {"student only", "kd", "kd + teacher cache", "fitnet"} <= set(rows)
     assert "fitnet + teacher cache" not in rows  # feature methods need the live teacher
     # FitNet ConvReg on resnet8 hint layer 2 (32 channels): 1x1 conv 32*32 + bias 32 + BatchNorm 2*32.
-    assert rows["fitnet"][6].strip() == "1,120"
+    assert rows["fitnet"][9].strip() == "1,120"
+    # Counted FLOPs: KD adds no matmul/conv work to the floor, FitNet its regressor. Teacher = student
+    # here, so the student alone is forward + backward (about 3 forwards) of the floor's 4.
+    flop_ratio = {name: float(rows[name][7]) for name in ("kd", "fitnet", "student only")}
+    assert flop_ratio["kd"] == 1.0 and flop_ratio["fitnet"] > 1.0
+    assert flop_ratio["student only"] == pytest.approx(0.75, abs=0.01)
     epoch = next(name for name in rows if name.startswith("kd: full epoch, 16 images"))
     assert "(4 steps)" in epoch and float(rows[epoch][2]) > 0

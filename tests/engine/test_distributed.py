@@ -15,10 +15,12 @@ from tests.conftest import REPO_ROOT
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optim", ["sgd", "dot"])
-def test_torchrun_two_processes_gloo(tmp_path, optim):
+@pytest.mark.parametrize(("optim", "method"), [("sgd", "{name: kd}"), ("dot", "{name: kd}"),
+                                               ("sgd", "{name: crd, nce_k: 32}")])
+def test_torchrun_two_processes_gloo(tmp_path, optim, method):
     """The trainer checks every epoch that both replicas hold identical weights; DOT's two backward
-    passes per forward are averaged across processes by hand (dot.py), which this exercises."""
+    passes per forward are averaged across processes by hand (dot.py), and CRD gathers every process's
+    embeddings into its memory banks inside the forward (collectives.py), which this exercises."""
     teacher = tmp_path / "teacher.pth"
     torch.save({"model": kdzoo.create_model("resnet8", num_classes=10).state_dict()}, teacher)
     config = tmp_path / "ddp.yaml"
@@ -26,7 +28,7 @@ def test_torchrun_two_processes_gloo(tmp_path, optim):
         "experiment: {name: ddp, seed: 3}\n"
         "data: {dataset: mnist5k, batch_size: 16, subset: 128, test_subset: 64}\n"
         f"teacher: {{name: resnet8, checkpoint: {teacher}}}\n"
-        "student: {name: resnet8}\nmethod: {name: kd}\n"
+        f"student: {{name: resnet8}}\nmethod: {method}\n"
         f"schedule: {{epochs: 2, milestones: [1]}}\noptim: {{name: {optim}}}\n"
         "runtime: {device: cpu, progress: false, tensorboard: false, threads: 1}\n"
     )

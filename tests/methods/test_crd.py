@@ -12,7 +12,7 @@ import torch
 import kdzoo
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Batch, DatasetInfo, Progress
-from kdzoo.methods.crd import ContrastSampler
+from kdzoo.methods.crd import ContrastSampler, first_distinct
 from tests.methods.golden_step import assert_extra_grads, assert_loss, assert_student_grads, build_pair, run_step
 
 BANK_RTOL, BANK_ATOL = 1e-5, 1e-6
@@ -183,6 +183,14 @@ def test_sampler_negatives_are_uniform_subsets(k):
     same_class = (labels == labels[anchor]).nonzero().flatten()
     counts = torch.bincount(positives, minlength=200)[same_class].double()
     assert counts.sum() == rows and counts.min() > 0.5 * rows / same_class.numel()
+
+
+@pytest.mark.parametrize("num_values", [50, 1000])  # <= 4 x 40 draws: the table path; above: the sort path
+def test_first_distinct_keeps_the_first_k_distinct_values_in_draw_order(num_values):
+    draws = torch.randint(0, 50, (6, 40), generator=torch.Generator().manual_seed(3))
+    k = min(len(set(row.tolist())) for row in draws)
+    expected = [list(dict.fromkeys(row.tolist()))[:k] for row in draws]
+    assert first_distinct(draws, k, num_values).tolist() == expected
 
 
 def test_sampler_with_replacement_when_k_exceeds_negatives():

@@ -1,4 +1,4 @@
-"""NST: golden parity with RepDistiller's NSTLoss, per stage, and the Gram (bmm) form against the
+"""NST: golden parity with RepDistiller's NSTLoss, per stage, and both Gram (bmm) forms against the
 reference's broadcast form."""
 
 from __future__ import annotations
@@ -42,13 +42,15 @@ def _broadcast_poly_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.unsqueeze(1) * b.unsqueeze(2)).sum(-1).pow(2).mean()
 
 
-def test_gram_form_equals_broadcast_form_with_mismatched_shapes():
+# Fewer channels than positions: the [C, C] Gram form; more: the [HW, HW] form.
+@pytest.mark.parametrize(("student_shape", "teacher_shape"), [((6, 8, 8), (10, 16, 16)), ((40, 4, 4), (48, 8, 8))])
+def test_gram_forms_equal_broadcast_form_with_mismatched_shapes(student_shape, teacher_shape):
     torch.manual_seed(0)
-    f_s = torch.randn(3, 6, 8, 8, dtype=torch.float64, requires_grad=True)
-    f_t = torch.randn(3, 10, 16, 16, dtype=torch.float64)
+    f_s = torch.randn(3, *student_shape, dtype=torch.float64, requires_grad=True)
+    f_t = torch.randn(3, *teacher_shape, dtype=torch.float64)
     (loss,) = nst_stage_losses([f_s], [f_t])
     s = F.normalize(f_s.flatten(2), dim=2)
-    t = F.normalize(F.adaptive_avg_pool2d(f_t, (8, 8)).flatten(2), dim=2)
+    t = F.normalize(F.adaptive_avg_pool2d(f_t, student_shape[1:]).flatten(2), dim=2)
     expected = _broadcast_poly_mean(t, t) + _broadcast_poly_mean(s, s) - 2 * _broadcast_poly_mean(s, t)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-14)
     (grad,) = torch.autograd.grad(loss, f_s)
