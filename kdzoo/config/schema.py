@@ -24,8 +24,10 @@ class DataConfig:
     batch_size: int = 64  # RD/MD/SK CIFAR recipe
     test_batch_size: int = 256
     num_workers: int = 2  # used by file-based datasets; in-memory ones need none
-    subset: int | None = None  # only the first N training samples (quick runs)
-    test_subset: int | None = None  # only the first N test samples
+    # Quick runs: N training / test samples. CIFAR/MNIST: the first N (the train files are shuffled once,
+    # with a fixed seed); class folders: N spread evenly over the class-sorted list, every class keeps its share.
+    subset: int | None = None
+    test_subset: int | None = None
     augment: bool = True
     drop_last: bool = False
     image_size: int | None = None  # imagefolder datasets: training crop size (default 224)

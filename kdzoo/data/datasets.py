@@ -147,6 +147,15 @@ def build_data(
     return DataBundle(train, test, info, tuple(train_images.shape[1:]), source.num_classes)  # type: ignore[arg-type]
 
 
+def spread_subset(samples: list, count: int) -> list:
+    """``count`` samples evenly spaced over the list (all of them when it is shorter). Folder scans are
+    sorted by class, so the first N would hold only the first few classes; evenly spaced ones keep every
+    class's share, and the choice is the same on every run and every process."""
+    if count >= len(samples):
+        return samples
+    return [samples[i * len(samples) // count] for i in range(count)]
+
+
 def build_folder_data(
     cfg: Any, *, seed: int, device: torch.device, rank: int, world_size: int, drop_last: bool
 ) -> DataBundle:
@@ -171,9 +180,9 @@ def build_folder_data(
     if not cfg.augment:
         train_tf = test_tf
     if cfg.subset is not None:
-        train_samples = train_samples[: cfg.subset]
+        train_samples = spread_subset(train_samples, cfg.subset)
     if cfg.test_subset is not None:
-        test_samples = test_samples[: cfg.test_subset]
+        test_samples = spread_subset(test_samples, cfg.test_subset)
     common = {"num_workers": cfg.num_workers, "device": device, "seed": seed}
     train = folder.FolderLoader(train_samples, train_tf, batch_size=cfg.batch_size, shuffle=True,
                                 drop_last=drop_last or cfg.drop_last, rank=rank, world_size=world_size, **common)

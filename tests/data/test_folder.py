@@ -42,6 +42,14 @@ def test_imagefolder_batches_and_exact_resume(tmp_path):
     assert sum(len(b.target) for b in test) == 15
 
 
+def test_imagefolder_subset_keeps_every_class(tmp_path):
+    _make_folder(tmp_path)  # 3 classes x 5, listed class by class
+    data = _data(tmp_path, subset=6, test_subset=3, num_workers=0)
+    assert data.info.num_samples == 6 and data.info.targets.tolist() == [0, 0, 1, 1, 2, 2]
+    assert [t for b in data.test for t in b.target.tolist()] == [0, 1, 2]
+    assert _data(tmp_path, subset=99, num_workers=0).info.num_samples == 15
+
+
 def test_imagefolder_errors(tmp_path):
     with pytest.raises(UserInputError, match="does not exist"):
         _data(tmp_path / "nothing")

@@ -15,7 +15,7 @@ from tests.methods.golden_step import build_pair
 METHODS = ["kd", "dkd", "fitnet", "at", "crd", "reviewkd"]
 
 
-def _losses(common, method, *, channels_last=False, amp=False, compiled=False):
+def _losses(common, method, *, channels_last=False, amp=False, compiled=None):
     teacher, student = build_pair(common)
     torch.manual_seed(0)
     distiller = kdzoo.create_distiller(method, teacher=teacher, student=student)
@@ -27,7 +27,7 @@ def _losses(common, method, *, channels_last=False, amp=False, compiled=False):
         images = images.contiguous(memory_format=torch.channels_last)
     if compiled:
         for extractor in (distiller.student_extractor, distiller.teacher_extractor):
-            extractor.model = compile_model(extractor.model, backend="aot_eager")
+            extractor.model = compile_model(extractor.model, backend=compiled)
     batch = Batch(images, common["labels"], torch.arange(16), {"contrast_index": torch.randint(0, 100, (16, 4097))})
     with autocast(torch.device("cpu"), amp, torch.bfloat16):
         _, losses = distiller.training_step(batch, Progress(epoch=30))
@@ -59,10 +59,12 @@ def test_bf16_autocast_matches_within_bf16_precision(golden_common, method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["kd", "fitnet"])
-def test_torch_compile_with_taps_matches(golden_common, method):
+@pytest.mark.parametrize(("method", "backend"), [("kd", "aot_eager"), ("fitnet", "aot_eager"), ("fitnet", "inductor")])
+def test_torch_compile_with_taps_matches(golden_common, method, backend):
+    """aot_eager: graph capture with the taps' hooks; inductor: generated kernels (C++ on CPU, needs a
+    compiler, as torch.compile's default does everywhere)."""
     plain, grad = _losses(golden_common, method)
-    fast, fast_grad = _losses(golden_common, method, compiled=True)
+    fast, fast_grad = _losses(golden_common, method, compiled=backend)
     for k in plain:
         assert fast[k] == pytest.approx(plain[k], rel=1e-4, abs=1e-5), k
     assert ((fast_grad - grad).norm() / grad.norm()).item() < 1e-4
