@@ -108,8 +108,10 @@ class Trainer:
         self.stages = self.distiller.training_stages()
         self.amp = self.cfg.runtime.amp
         self.amp_dtype = amp_dtype(self.device, self.cfg.runtime.amp_dtype)
-        use_scaler = self.amp and self.amp_dtype == torch.float16 and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        # fp16 needs loss scaling wherever it runs (CUDA in practice; CPU autocast has fp16 too, and the
+        # scaler's CPU implementation lets the tests exercise this very path).
+        use_scaler = self.amp and self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.model: nn.Module = self.distiller
         if parts.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel

@@ -241,6 +241,9 @@ class Distiller(nn.Module):
         cached = batch.extras.get("teacher_logits")
         if cached is not None and not self.uses_teacher_features:
             return Outputs(logits=cached)
+        # no_grad, not inference_mode: the teacher's outputs enter the losses' autograd graphs, which may
+        # save them for backward, and inference tensors cannot be saved (they would need a copy). The
+        # forward itself costs the same either way (resnet32x4, batch 64, 2 CPU threads: 0.470 vs 0.471 s).
         with torch.no_grad():
             return self.teacher_extractor(batch.image).detach()
 
