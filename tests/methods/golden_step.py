@@ -104,3 +104,18 @@ def assert_extra_grads(named_params: Mapping[str, nn.Parameter], ref: Mapping[st
 
 def assert_loss(actual: torch.Tensor | float, expected: float) -> None:
     torch.testing.assert_close(float(torch.as_tensor(actual).detach()), float(expected), rtol=LOSS_RTOL, atol=LOSS_ATOL)
+
+
+def stage_step(distiller: Distiller, images, labels, stage: str) -> dict[str, torch.Tensor]:
+    """One train-mode forward and backward of ``stage`` (no optimiser step); returns the losses."""
+    distiller.train()
+    distiller.zero_grad(set_to_none=True)
+    _, losses = distiller.training_step(Batch(images, labels), Progress(stage=stage))
+    sum(losses.values()).backward()
+    return losses
+
+
+def trainable_names(distiller: Distiller, stage) -> set[str]:
+    """Names of the parameters ``stage`` trains."""
+    names = {id(p): n for n, p in distiller.named_parameters()}
+    return {names[id(p)] for p in distiller.trainable_parameters(stage)}

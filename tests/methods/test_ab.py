@@ -8,8 +8,14 @@ import torch
 
 import kdzoo
 from kdzoo.methods.ab import ab_loss_terms
-from kdzoo.methods.base import Batch, Distiller, Progress
-from tests.methods.golden_step import assert_loss, assert_student_grads, build_pair, run_step
+from tests.methods.golden_step import (
+    assert_loss,
+    assert_student_grads,
+    build_pair,
+    run_step,
+    stage_step,
+    trainable_names,
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,19 +29,6 @@ def golden_distiller(golden_common):
     # train-mode output depends on.
     teacher, student = build_pair(golden_common)
     return kdzoo.create_distiller("ab", teacher=teacher, student=student)
-
-
-def stage_step(distiller: Distiller, images, labels, stage: str) -> dict[str, torch.Tensor]:
-    distiller.train()
-    distiller.zero_grad(set_to_none=True)
-    _, losses = distiller.training_step(Batch(images, labels), Progress(stage=stage))
-    sum(losses.values()).backward()
-    return losses
-
-
-def trainable_names(distiller: Distiller, stage) -> set[str]:
-    names = {id(p): n for n, p in distiller.named_parameters()}
-    return {names[id(p)] for p in distiller.trainable_parameters(stage)}
 
 
 def test_init_stage_matches_repdistiller(golden_common, ab_ref, golden_distiller):

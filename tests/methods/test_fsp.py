@@ -8,9 +8,15 @@ import torch
 
 import kdzoo
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Distiller, Progress
 from kdzoo.methods.fsp import fsp_loss_terms, fsp_matrices
-from tests.methods.golden_step import assert_loss, assert_student_grads, build_pair, run_step
+from tests.methods.golden_step import (
+    assert_loss,
+    assert_student_grads,
+    build_pair,
+    run_step,
+    stage_step,
+    trainable_names,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,19 +30,6 @@ def golden_distiller(golden_common):
     # train-mode output depends on.
     teacher, student = build_pair(golden_common)
     return kdzoo.create_distiller("fsp", teacher=teacher, student=student)
-
-
-def stage_step(distiller: Distiller, images, labels, stage: str) -> dict[str, torch.Tensor]:
-    distiller.train()
-    distiller.zero_grad(set_to_none=True)
-    _, losses = distiller.training_step(Batch(images, labels), Progress(stage=stage))
-    sum(losses.values()).backward()
-    return losses
-
-
-def trainable_names(distiller: Distiller, stage) -> set[str]:
-    names = {id(p): n for n, p in distiller.named_parameters()}
-    return {names[id(p)] for p in distiller.trainable_parameters(stage)}
 
 
 def test_init_stage_matches_repdistiller(golden_common, fsp_ref, golden_distiller):

@@ -7,8 +7,16 @@ import pytest
 import torch
 
 import kdzoo
-from kdzoo.methods.base import Batch, Distiller, Progress
-from tests.methods.golden_step import assert_extra_grads, assert_loss, assert_student_grads, build_pair, run_step
+from kdzoo.methods.base import Distiller
+from tests.methods.golden_step import (
+    assert_extra_grads,
+    assert_loss,
+    assert_student_grads,
+    build_pair,
+    run_step,
+    stage_step,
+    trainable_names,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +36,6 @@ def golden_distiller(golden_common, ft_ref) -> Distiller:
     missing, unexpected = distiller.load_state_dict(ft_ref["extra_state_dict"], strict=False)
     assert not unexpected and all(k.startswith(("student.", "teacher.")) for k in missing)
     return distiller
-
-
-def stage_step(distiller: Distiller, images, labels, stage: str) -> dict[str, torch.Tensor]:
-    distiller.train()
-    distiller.zero_grad(set_to_none=True)
-    _, losses = distiller.training_step(Batch(images, labels), Progress(stage=stage))
-    sum(losses.values()).backward()
-    return losses
-
-
-def trainable_names(distiller: Distiller, stage) -> set[str]:
-    names = {id(p): n for n, p in distiller.named_parameters()}
-    return {names[id(p)] for p in distiller.trainable_parameters(stage)}
 
 
 def test_main_stage_matches_repdistiller(golden_common, ft_ref, golden_distiller):
