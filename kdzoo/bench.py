@@ -94,16 +94,21 @@ def run_bench(
     steps: int = 20,
     num_classes: int = 100,
     with_cache: bool = False,
+    channels_last: bool = False,
 ) -> list[Timing]:
+    """``channels_last``: every network, method module and the batch in that memory format (the
+    ``runtime.channels_last`` fast path), floor included, so the ratios stay like for like."""
     device = torch.device(device_name)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    images = torch.randn(batch_size, 3, 32, 32, device=device)
+    images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     target = torch.randint(0, num_classes, (batch_size,), device=device)
     index = torch.randint(0, 50000, (batch_size,), device=device)
-    teacher = create_model(teacher_name, num_classes=num_classes).to(device).eval().requires_grad_(False)
+    teacher = create_model(teacher_name, num_classes=num_classes).to(device, memory_format=memory_format)
+    teacher.eval().requires_grad_(False)
     results = []
 
-    student = create_model(student_name, num_classes=num_classes).to(device)
+    student = create_model(student_name, num_classes=num_classes).to(device, memory_format=memory_format)
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     def floor_step(with_teacher: bool) -> Callable[[], None]:
@@ -126,6 +131,7 @@ def run_bench(
         distiller = _build(name, teacher, student_name, num_classes, device)
         if distiller is None:
             continue
+        distiller.to(memory_format=memory_format)
         params = [p for g in distiller.param_groups(distiller.stages()[-1]) for p in g["params"]]
         method_opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
         batch = Batch(images, target, index, {})

@@ -105,9 +105,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     results = run_bench(args.teacher, args.student, args.batch_size, args.device,
                         args.methods.split(",") if args.methods else None, args.warmup, args.steps,
-                        with_cache=args.with_cache)
+                        with_cache=args.with_cache, channels_last=args.channels_last)
     command = "kdzoo bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "kdzoo bench"
-    header = (f"`{command}` — {args.teacher} -> {args.student}, batch {args.batch_size}, {args.device}, "
+    layout = ", channels_last" if args.channels_last else ""
+    header = (f"`{command}` — {args.teacher} -> {args.student}, batch {args.batch_size}, {args.device}{layout}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
               f"{platform.processor() or platform.machine()}")
     if args.epoch_samples:
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also time one KD epoch of the real trainer over the first N CIFAR-100 images")
     bench.add_argument("--data-root", default="../shared/data")
     bench.add_argument("--output-dir", default=".", help="where the epoch timing's temporary run goes")
+    bench.add_argument("--channels-last", action="store_true",
+                       help="networks, method modules and batch in channels_last (runtime.channels_last)")
     bench.add_argument("--with-cache", action="store_true",
                        help="also time logits-only methods with teacher logits from the cache")
     bench.set_defaults(func=cmd_bench)

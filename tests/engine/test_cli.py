@@ -168,3 +168,30 @@ def test_bench_prints_floor_methods_and_epoch(tmp_path, capsys, data_root):
     assert flop_ratio["student only"] == pytest.approx(0.75, abs=0.01)
     epoch = next(name for name in rows if name.startswith("kd: full epoch, 16 images"))
     assert "(4 steps)" in epoch and float(rows[epoch][2]) > 0
+
+
+def test_bench_channels_last_converts_everything(capsys, monkeypatch):
+    import kdzoo.bench
+
+    layouts = []  # for every timed network forward (batch 4; build-time shape probes use 2): channels_last?
+
+    def recording_model(*args, **kwargs):
+        model = kdzoo.create_model(*args, **kwargs)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        def record(_, inputs) -> None:  # returns None: the input is left as it is
+            if inputs[0].shape[0] == 4:
+                layouts.append((inputs[0].is_contiguous(memory_format=torch.channels_last),
+                                conv.weight.is_contiguous(memory_format=torch.channels_last)))
+
+        model.register_forward_pre_hook(record)
+        return model
+
+    monkeypatch.setattr(kdzoo.bench, "create_model", recording_model)
+    code = main(["bench", "--teacher", "resnet8", "--student", "resnet8", "--batch-size", "4", "--steps", "1",
+                 "--warmup", "0", "--methods", "kd,reviewkd", "--channels-last"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "batch 4, cpu, channels_last," in table.splitlines()[0]
+    assert layouts and all(inp and weight for inp, weight in layouts)
+    rows = {line.split("|")[1].strip(): line.split("|") for line in table.splitlines() if line.startswith("| ")}
+    assert {"kd", "reviewkd"} <= set(rows)
