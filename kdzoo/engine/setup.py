@@ -7,6 +7,7 @@ code 2 and no run directory exists yet.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,8 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn
 
 
 def prepare_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> RunParts:
+    if cfg.runtime.wandb and importlib.util.find_spec("wandb") is None:
+        raise UserInputError("runtime.wandb=true needs the wandb package: pip install 'kdzoo[wandb]' (or wandb)")
     device = device or resolve_device(cfg.runtime.device)
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo import __version__
-from kdzoo.config.loader import to_yaml
+from kdzoo.config.loader import to_dict, to_yaml
 from kdzoo.engine import checkpoint_io
 from kdzoo.engine.faults import fault_point
 from kdzoo.engine.logger import MetricsLog
@@ -130,7 +130,10 @@ class Trainer:
         # OFD's declared train-mode teacher moves its BatchNorm statistics by design: weights only then.
         self._teacher_buffers_frozen = not self.distiller.teacher_train_mode
         self._teacher_print = None if teacher is None else teacher_fingerprint(teacher, self._teacher_buffers_frozen)
-        self.log = MetricsLog(run_dir, self.cfg.runtime.tensorboard, enabled=is_main)
+        runtime = self.cfg.runtime
+        self.log = MetricsLog(run_dir, runtime.tensorboard, enabled=is_main,
+                              wandb_project=runtime.wandb_project if runtime.wandb else None,
+                              run_config=to_dict(self.cfg))
 
     # ---- setup --------------------------------------------------------------------------------
     def _compile(self) -> None:

@@ -173,3 +173,60 @@ def test_nonfinite_skip_mode_skips_the_bad_step_and_finishes(tmp_path):
     weights = _student_weights(summary["run_dir"])
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
     assert summary["last_top1"] is not None
+
+
+class _FakeWandb:
+    """Stands in for the ``wandb`` package: records what the trainer sends it."""
+
+    def __init__(self):
+        self.inits, self.logs, self.finished = [], [], 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, data, step):
+        self.logs.append((step, data))
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_wandb_is_opt_in_and_gets_every_epoch_record(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "wandb" else
+                        real_find_spec(name, *a))
+    summary = run_training(_cfg(tmp_path, "wb", {"name": "kd"}, wandb=True, wandb_project="proj"))
+    run_dir = Path(summary["run_dir"])
+    (init,) = fake.inits
+    run_id = (run_dir / "wandb_id").read_text()
+    assert init["project"] == "proj" and init["id"] == run_id and init["resume"] == "allow"
+    assert init["config"]["method"] == {"name": "kd"} and init["config"]["runtime"]["wandb"] is True
+    records = [eval(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in fake.logs] == [r["step"] for r in records] == [6, 12]
+    for (_, sent), record in zip(fake.logs, records, strict=True):
+        assert sent["top1"] == record["top1"] and sent["train/loss_kd"] == record["train/loss_kd"]
+        assert sent["epoch"] == record["epoch"]
+    assert fake.finished == 1
+    # A resumed run continues the same W&B run.
+    run_training(_cfg(tmp_path, "wb", {"name": "kd"}, epochs=3, wandb=True), resume="auto")
+    assert fake.inits[1]["id"] == run_id and [s for s, _ in fake.logs[2:]] == [18]
+    # Off by default: nothing is sent.
+    run_training(_cfg(tmp_path, "plain", {"name": "kd"}, epochs=1))
+    assert len(fake.inits) == 2
+
+
+def test_wandb_without_the_package_is_refused_before_the_run_starts(tmp_path, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else
+                        real_find_spec(name, *a))
+    with pytest.raises(UserInputError, match=r"pip install 'kdzoo\[wandb\]'"):
+        run_training(_cfg(tmp_path, "wb", {"name": "kd"}, wandb=True))
+    assert not (tmp_path / "runs" / "wb").exists()

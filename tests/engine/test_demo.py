@@ -1,0 +1,25 @@
+"""``kdzoo demo`` end to end on a shortened budget: four runs through ``kdzoo train``, their curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdzoo.demo import run_demo
+from kdzoo.plot import read_metrics
+
+
+@pytest.mark.slow
+def test_demo_trains_teacher_and_three_students_and_plots_them(tmp_path, capsys):
+    rows = run_demo(str(tmp_path), epochs=1, teacher_epochs=1)
+    assert [r["run"] for r in rows] == ["teacher resnet20", "student resnet8", "KD resnet8", "DKD resnet8"]
+    for row in rows:
+        records = read_metrics(row["run_dir"])
+        assert len(records) == 1 and row["last_top1"] == records[0]["top1"]
+        assert 10.0 < row["last_top1"] <= 100.0  # one epoch on 4,000 digits is far above chance (10 %)
+    kd_terms = set(read_metrics(rows[2]["run_dir"])[0])
+    assert {"train/loss_ce", "train/loss_kd"} <= kd_terms
+    out = capsys.readouterr().out
+    curves = Path(out.split("curves: ")[1].split()[0])
+    assert curves.parent.parent == tmp_path and curves.read_bytes()[:4] == b"\x89PNG"
