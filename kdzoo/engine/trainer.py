@@ -117,6 +117,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
+            self._sync_self_synchronised_buffers()
             # Multi-stage methods leave some parameters without gradients in their early stages.
             self.model = DistributedDataParallel(
                 self.distiller,
@@ -367,20 +368,39 @@ class Trainer:
                 f"last checkpoint in {self.run_dir} is intact. Lower optim.lr, or set runtime.nonfinite=skip."
             )
 
+    def _self_synchronised(self) -> list[Tensor]:
+        buffers = dict(self.distiller.named_buffers())
+        return [buffers[name] for name in self.distiller.self_synchronised_buffers]
+
+    def _sync_self_synchronised_buffers(self) -> None:
+        """Hand the method's self-synchronised buffers to DDP's ignore list, after one broadcast from
+        rank 0 (DDP's own start-up broadcast skips ignored buffers too)."""
+        names = list(self.distiller.self_synchronised_buffers)
+        if not names:
+            return
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        for buffer in self._self_synchronised():
+            dist.broadcast(buffer, src=0)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.distiller, names)
+
     def _check_replicas_agree(self) -> None:
-        """Under DDP every process must hold the same trainable weights; a gradient that escaped the
-        all-reduce would let them drift apart silently. One small all-reduce per epoch checks it."""
+        """Under DDP every process must hold the same trainable weights (a gradient that escaped the
+        all-reduce would let them drift apart silently) and the same self-synchronised buffers. One small
+        all-reduce per epoch checks it."""
         if self.parts.world_size <= 1:
             return
         import torch.distributed as dist
 
-        params = self._optimized_params()
-        print_ = torch.stack([p.detach().double().sum() for p in params])
+        tensors = [*self._optimized_params(), *self._self_synchronised()]
+        print_ = torch.stack([t.detach().double().sum() for t in tensors])
         low, high = print_.clone(), print_.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         if not torch.equal(low, high):
-            raise RuntimeError(f"DDP replicas diverged during epoch {self.state.epoch}: the processes' weights differ")
+            raise RuntimeError(f"DDP replicas diverged during epoch {self.state.epoch}: the processes' weights "
+                               "(or a method's self-synchronised buffers) differ")
 
     def _check_teacher(self) -> None:
         if self._teacher_print is None:

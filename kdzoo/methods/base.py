@@ -98,6 +98,10 @@ class Distiller(nn.Module):
     needs_fixed_batch_size: ClassVar[bool] = False
     # SimKD never uses the student's own head: DDP must be told some parameters get no gradient.
     leaves_parameters_unused: ClassVar[bool] = False
+    # Buffers the method itself keeps identical on every process (CRD's memory banks, updated from an
+    # all-gather): DDP does not re-broadcast them from rank 0 before every forward (51 MB a step for
+    # CIFAR-100's banks); the trainer syncs them once at the start and checks them every epoch.
+    self_synchronised_buffers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,

@@ -192,6 +192,10 @@ class CRD(Distiller):
     teacher_taps = ("pooled",)
     student_taps = ("pooled",)
     needs_sample_index = True
+    # The banks and Z stay equal across processes through the all-gather below; the sampler's tables are
+    # built from the dataset labels, the same on every process.
+    self_synchronised_buffers = ("memory_student", "memory_teacher", "normalizer", "sampler.class_order",
+                                 "sampler.class_start", "sampler.class_count", "sampler.sample_class")
 
     def build(self) -> None:
         cfg = self.cfg
@@ -264,14 +268,20 @@ class CRD(Distiller):
     @torch.no_grad()
     def _update_memory(self, index: Tensor, v_s: Tensor, v_t: Tensor) -> None:
         # RD: rows of the batch's own samples <- normalize(m * row + (1 - m) * v), after scoring.
-        # Under DDP every process applies every process's rows, so the banks stay identical and equal to
-        # one process's with the global batch (DDP's buffer broadcast from rank 0 would otherwise keep
-        # only rank 0's updates).
+        # Under DDP every process applies every process's rows, so the banks stay identical on all of them
+        # and equal to one process's with the global batch.
         m = self.cfg.nce_momentum
         index, v_s, v_t = (collectives.gather_cat(t) for t in (index, v_s.detach(), v_t.detach()))
+        # A sample can appear twice in the gathered batch (the last batches of an epoch are padded so that
+        # every process gets as many as the others). index_copy_ with repeated indices keeps an arbitrary
+        # one on GPUs, which would let the processes' banks drift apart: every copy writes the row of the
+        # sample's last occurrence instead. Without repeats this selects every row as it is.
+        position = torch.arange(index.shape[0], device=index.device)
+        last = torch.full((self.memory_student.shape[0],), -1, dtype=torch.long, device=index.device)
+        last = last.scatter_reduce_(0, index, position, reduce="amax")[index]
         for bank, v in ((self.memory_student, v_s), (self.memory_teacher, v_t)):
             rows = bank.index_select(0, index).float().mul_(m).add_(v.detach() * (1 - m))
-            bank.index_copy_(0, index, _l2_normalize(rows).to(bank.dtype))
+            bank.index_copy_(0, index, _l2_normalize(rows)[last].to(bank.dtype))
 
     def compute_losses(
         self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress

@@ -231,6 +231,33 @@ def test_crd_checkpoint_restores_banks_and_sampler():
                                num_data=10).bind_dataset(info)
 
 
+def test_repeated_sample_in_a_batch_updates_its_rows_from_the_last_occurrence(monkeypatch):
+    """The gathered DDP batch can hold a padded sample twice. index_copy_ keeps an arbitrary copy on GPUs,
+    so every copy must carry the same row (CPU's index_copy_ alone would hide the difference)."""
+    written = []
+    original = torch.Tensor.index_copy_
+
+    def recording_index_copy(self, dim, index, source):
+        written.append((index.clone(), source.clone()))
+        return original(self, dim, index, source)
+
+    monkeypatch.setattr(torch.Tensor, "index_copy_", recording_index_copy)
+    torch.manual_seed(0)
+    distiller = kdzoo.create_distiller("crd", teacher=kdzoo.create_model("resnet8"),
+                                       student=kdzoo.create_model("resnet8"), num_data=10, nce_k=4)
+    before = distiller.memory_student.clone()
+    v_s, v_t = torch.nn.functional.normalize(torch.randn(2, 3, 128), dim=2)
+    distiller._update_memory(torch.tensor([4, 7, 4]), v_s, v_t)
+    expected = torch.nn.functional.normalize(0.5 * before[4] + 0.5 * v_s[2], dim=0)  # the last copy of 4
+    torch.testing.assert_close(distiller.memory_student[4], expected)
+    only_once = torch.nn.functional.normalize(0.5 * before[7] + 0.5 * v_s[1], dim=0)
+    torch.testing.assert_close(distiller.memory_student[7], only_once)
+    assert torch.equal(distiller.memory_student[[0, 1, 2, 3, 5, 6, 8, 9]], before[[0, 1, 2, 3, 5, 6, 8, 9]])
+    assert len(written) == 2  # student bank, teacher bank
+    for index, source in written:
+        assert index.tolist() == [4, 7, 4] and torch.equal(source[0], source[2])
+
+
 def test_crd_defaults_and_memory_init():
     teacher, student = kdzoo.create_model("resnet32x4"), kdzoo.create_model("resnet8x4")
     distiller = kdzoo.create_distiller("crd", teacher=teacher, student=student, num_data=50_000)
