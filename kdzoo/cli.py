@@ -20,6 +20,7 @@ def _configs_root() -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     from kdzoo.config.loader import load_config
     from kdzoo.engine.run import run_training
+    from kdzoo.engine.stop import TrainingStopped
 
     overrides = list(args.overrides)
     resume = args.resume
@@ -29,7 +30,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             resume = item.split("=", 1)[1]
             overrides.remove(item)
     cfg = load_config(args.config, overrides)
-    summary = run_training(cfg, resume=resume)
+    try:
+        summary = run_training(cfg, resume=resume)
+    except TrainingStopped as stopped:
+        print(f"kdzoo: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for the group
         return 0
     print(f"run directory: {summary['run_dir']}")

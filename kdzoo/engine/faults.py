@@ -4,6 +4,7 @@ Off unless ``KDZOO_FAULT`` is set, e.g. ``KDZOO_FAULT="point=during_save,count=2
 the 2nd time it reaches ``during_save``. ``once=PATH`` fires only if PATH does not exist yet (and
 creates it), so a restarted worker survives; ``rank=R`` limits it to one distributed rank. A real
 SIGKILL, not an exception: nothing gets to clean up, exactly like an OOM kill or a pulled plug.
+``signal=TERM`` (or any other name) sends that signal instead, as a cluster stopping the job would.
 """
 
 from __future__ import annotations
@@ -38,4 +39,4 @@ def fault_point(point: str) -> None:
         if Path(once).exists():
             return
         Path(once).touch()
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), getattr(signal, "SIG" + spec.get("signal", "KILL")))

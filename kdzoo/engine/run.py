@@ -19,6 +19,7 @@ import torch.distributed as dist
 from kdzoo.config.schema import Config
 from kdzoo.engine import checkpoint_io
 from kdzoo.engine.setup import prepare_run
+from kdzoo.engine.stop import TrainingStopped
 from kdzoo.engine.trainer import Trainer
 from kdzoo.errors import UserInputError
 
@@ -81,7 +82,12 @@ def run_training(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         trainer = Trainer(parts, run_dir, is_main=rank == 0)
         if resume_from is not None:
             trainer.load(resume_from)
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        except TrainingStopped:
+            if world_size > 1:  # leave together: a process tearing down gloo under a live peer can abort it
+                dist.barrier()
+            raise
     finally:
         if world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

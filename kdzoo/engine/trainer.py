@@ -28,6 +28,7 @@ from kdzoo.engine.logger import MetricsLog
 from kdzoo.engine.optim import build_optimizer, multistep_lr, set_lr
 from kdzoo.engine.runtime import amp_dtype, autocast, rng_state, set_rng_state
 from kdzoo.engine.setup import RunParts
+from kdzoo.engine.stop import StopRequests, TrainingStopped
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Batch, Progress, Stage
 from kdzoo.models.taps import compile_model
@@ -131,6 +132,7 @@ class Trainer:
         # OFD's declared train-mode teacher moves its BatchNorm statistics by design: weights only then.
         self._teacher_buffers_frozen = not self.distiller.teacher_train_mode
         self._teacher_print = None if teacher is None else teacher_fingerprint(teacher, self._teacher_buffers_frozen)
+        self.stop_requests = StopRequests()
         runtime = self.cfg.runtime
         self.log = MetricsLog(run_dir, runtime.tensorboard, enabled=is_main,
                               wandb_project=runtime.wandb_project if runtime.wandb else None,
@@ -215,14 +217,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(f"# kdzoo {__version__}\n" + to_yaml(self.cfg))
-        while self.state.stage_index < len(self.stages):
-            stage = self.stages[self.state.stage_index]
-            while self.state.epoch <= self.stage_epochs(stage):
-                self.train_epoch(stage)
-            self.state.stage_index += 1
-            self.state.epoch, self.state.step_in_epoch = 1, 0
-            if self.state.stage_index < len(self.stages):
-                self.optimizer = self._build_optimizer(self.stages[self.state.stage_index])
+        with self.stop_requests:
+            self._fit_stages()
         self.log.close()
         final = self.state.records[-1] if self.state.records else {}
         return {
@@ -231,6 +227,36 @@ class Trainer:
             "best_epoch": self.state.best_epoch,
             "run_dir": str(self.run_dir),
         }
+
+    def _fit_stages(self) -> None:
+        while self.state.stage_index < len(self.stages):
+            stage = self.stages[self.state.stage_index]
+            while self.state.epoch <= self.stage_epochs(stage):
+                self._stop_if_requested(stage, {})
+                self.train_epoch(stage)
+            self.state.stage_index += 1
+            self.state.epoch, self.state.step_in_epoch = 1, 0
+            if self.state.stage_index < len(self.stages):
+                self.optimizer = self._build_optimizer(self.stages[self.state.stage_index])
+
+    def _stop_if_requested(self, stage: Stage, bad_terms: dict[str, Tensor]) -> None:
+        """Checkpoint and raise ``TrainingStopped`` if a stop signal arrived (on any process, under DDP:
+        one all-reduce, so every process stops at the same step)."""
+        signum = self.stop_requests.signum or 0
+        if self.parts.world_size > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([signum], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        if not signum:
+            return
+        self._check_finite(bad_terms, stage)
+        self.save()
+        self.log.close()
+        s = self.state
+        raise TrainingStopped(signum, self.run_dir, f"stage {stage.name!r}, epoch {s.epoch}, step {s.step_in_epoch} "
+                              f"of the epoch (global step {s.global_step})")
 
     def train_epoch(self, stage: Stage) -> None:
         s = self.state
@@ -259,7 +285,11 @@ class Trainer:
             fault_point("step")
             if bar is not None:
                 bar.update(1)
-            if s.step_in_epoch % self.cfg.runtime.log_interval == 0:
+            at_log_step = s.step_in_epoch % self.cfg.runtime.log_interval == 0
+            # Single process: a free flag check every step. DDP: agreed at log steps (one collective).
+            if (at_log_step or self.parts.world_size == 1) and s.step_in_epoch < len(loader):
+                self._stop_if_requested(stage, bad_terms)
+            if at_log_step:
                 self._check_finite(bad_terms, stage)
                 if bar is not None:
                     bar.set_postfix({k: f"{float(v) / s.epoch_steps:.3f}" for k, v in sums.items()})

@@ -1,5 +1,6 @@
 """SIGKILL a real training process at three points, resume, and compare with an uninterrupted run
-bit for bit: final student weights, extra-module/method state and every logged metric.
+bit for bit: final student weights, extra-module/method state and every logged metric. SIGTERM and
+SIGUSR1 stop it gracefully instead: a checkpoint of the current step, then exit.
 
 Kill points (``kdzoo.engine.faults``): mid-epoch (after the 3rd step, between checkpoints), right
 after a checkpoint write, and during a checkpoint write (the file is on disk, its checksum is not,
@@ -104,6 +105,42 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, method):
         if kill == "during_save":
             assert "skipping checkpoint" in resumed.stderr
         _assert_same(expected, _outcome(out / "run"), kill)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["TERM", "USR1"])
+def test_stop_signal_checkpoints_the_current_step_and_resume_is_bit_exact(tmp_path, sig):
+    """SIGTERM (a cluster stopping the job) or SIGUSR1 (SLURM's early warning) after the 3rd step: the
+    process saves that step (between the interval checkpoints of steps 2 and 4) and exits 128 + signal."""
+    extra = METHODS["crd"]
+    ref = _train(tmp_path, tmp_path / "ref", extra)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    stopped = _train(tmp_path, tmp_path / "stop", extra, fault=f"point=step,count=3,signal={sig}")
+    signum = getattr(signal, "SIG" + sig)
+    assert stopped.returncode == 128 + signum, stopped.stderr[-2000:]
+    assert f"stopped by SIG{sig} at stage 'main', epoch 1, step 3 of the epoch" in stopped.stderr
+    run_dir = tmp_path / "stop" / "run"
+    newest = checkpoint_io.list_checkpoints(run_dir)[-1]
+    assert (newest.epoch, newest.step) == (1, 3) and not (run_dir / "student_last.pt").exists()
+    resumed = _train(tmp_path, tmp_path / "stop", extra, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_same(_outcome(tmp_path / "ref" / "run"), _outcome(run_dir), sig)
+
+
+@pytest.mark.slow
+def test_torchrun_stop_signal_stops_every_process_at_the_same_step(tmp_path):
+    """Rank 1 alone gets SIGTERM after its 2nd step; both processes agree at the next log step (the
+    config logs every step) and stop there, with one checkpoint, instead of rank 0 hanging."""
+    env = {k: v for k, v in os.environ.items() if k != "KDZOO_FAULT"} | {"OMP_NUM_THREADS": "1"}
+    env["KDZOO_FAULT"] = "point=step,count=2,rank=1,signal=TERM"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kdzoo",
+           "train", str(_config(tmp_path)), f"experiment.output_dir={tmp_path / 'out'}", "method.name=kd"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "stopped by SIGTERM at stage 'main', epoch 1, step 2" in result.stderr
+    assert result.stderr.count("stopped by SIGTERM") == 2  # both processes, same step
+    assert result.stderr.count("exitcode  : 143") == 2 and "SIGABRT" not in result.stderr  # a clean exit
+    newest = checkpoint_io.list_checkpoints(tmp_path / "out" / "run")[-1]
+    assert (newest.epoch, newest.step) == (1, 2)
 
 
 @pytest.mark.slow
