@@ -47,6 +47,8 @@ def _sync(device: torch.device) -> None:
 
 
 def time_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> list[float]:
+    if device.type == "cuda":  # the peak of this step alone (on CPU only the process high-water mark exists)
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         step()
     _sync(device)

@@ -36,9 +36,13 @@ def set_deterministic(enabled: bool) -> None:
     if enabled:
         # cuBLAS needs this workspace setting for deterministic matmuls (PyTorch reproducibility notes).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        # warn_only: some ops every run needs have no deterministic CUDA kernel and would otherwise raise
+        # (torch 2.14's list includes NLLLoss, i.e. cross-entropy, and adaptive average pooling's
+        # backward); they run with a warning naming them, everything else is deterministic.
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    else:
+    else:  # the config decides: a previous run in this process must not leave the mode on
+        torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = True
 
 
