@@ -1,22 +1,24 @@
-"""Graceful stop on SIGTERM / SIGUSR1: finish the current step, write a checkpoint, exit.
+"""Graceful stop on SIGTERM / SIGUSR1 / Ctrl-C: finish the current step, write a checkpoint, exit.
 
 Clusters stop jobs with SIGTERM (SLURM preemption and time limits, Kubernetes evictions, ``kill``) and
 send SIGKILL a grace period later; SLURM's ``--signal=USR1@120`` warns ahead of the limit. Without a
 handler the process dies at once and loses everything since its last checkpoint. With one, training
 stops at the next step boundary (under DDP: the next ``runtime.log_interval`` boundary, agreed by all
 processes, so none is left waiting in a collective), saves, and exits with 128 + the signal number;
-``kdzoo train ... --resume`` continues bit-exactly. A second signal of the same kind kills at once.
+``kdzoo train ... --resume`` continues bit-exactly. A second signal of the same kind kills at once
+(a second Ctrl-C: KeyboardInterrupt, as without kdzoo).
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
 
 
 class TrainingStopped(Exception):
@@ -50,8 +52,12 @@ class StopRequests:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum == signum:  # asked twice: the default action (terminate) now
+        if self.signum == signum:  # asked twice: the default action now
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
             return
         self.signum = signum
+        if signum == signal.SIGINT:
+            print("\nkdzoo: stopping after this step with a checkpoint (Ctrl-C again to abort)", file=sys.stderr)

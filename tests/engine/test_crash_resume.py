@@ -108,10 +108,10 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", ["TERM", "USR1"])
+@pytest.mark.parametrize("sig", ["TERM", "USR1", "INT"])
 def test_stop_signal_checkpoints_the_current_step_and_resume_is_bit_exact(tmp_path, sig):
-    """SIGTERM (a cluster stopping the job) or SIGUSR1 (SLURM's early warning) after the 3rd step: the
-    process saves that step (between the interval checkpoints of steps 2 and 4) and exits 128 + signal."""
+    """SIGTERM (a cluster stopping the job), SIGUSR1 (SLURM's early warning) or Ctrl-C after the 3rd step:
+    the process saves that step (between the interval checkpoints of steps 2 and 4), exits 128 + signal."""
     extra = METHODS["crd"]
     ref = _train(tmp_path, tmp_path / "ref", extra)
     assert ref.returncode == 0, ref.stderr[-2000:]
