@@ -147,6 +147,7 @@ def _torchvision_spec(model: nn.Module) -> TapSpec | None:
             pooled=Tap("classifier", point="input"),
             classifier=f"classifier.{len(model.classifier) - 1}",
             signed=True,
+            prepool=Tap("features"),  # ends with the 1280-channel 1x1 conv; pooling is functional
         )
     return None
 
@@ -189,6 +190,8 @@ def _timm_spec(model: nn.Module) -> TapSpec | None:
         return None
     stage_paths = [p for p in paths[1:] if p is not None]
     pre, bns = _timm_resnet_pre(model, stage_paths)
+    # timm's heads pool with a module named ``global_pool``: its input is the map being pooled.
+    pool_path = next((n for n in modules if n.rsplit(".", 1)[-1] == "global_pool"), None)
     return TapSpec(
         stem=Tap(paths[0]),  # type: ignore[arg-type]
         stages=tuple(Tap(p) for p in stage_paths),
@@ -196,6 +199,7 @@ def _timm_spec(model: nn.Module) -> TapSpec | None:
         pooled=Tap(classifier_path, point="input"),
         classifier=classifier_path,
         bn_before_relu=bns,
+        prepool=None if pool_path is None else Tap(pool_path, point="input"),
     )
 
 
@@ -255,6 +259,7 @@ def safe_inplace(spec: TapSpec, model: nn.Module) -> TapSpec:
         stages=tuple(fix(t) for t in spec.stages),
         stages_pre=None if spec.stages_pre is None else tuple(fix(t) for t in spec.stages_pre),
         pooled=fix(spec.pooled),
+        prepool=None if spec.prepool is None else fix(spec.prepool),
     )
 
 

@@ -19,8 +19,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-TapGroup = Literal["feats", "preact", "pooled"]
-ALL_GROUPS: tuple[TapGroup, ...] = ("feats", "preact", "pooled")
+TapGroup = Literal["feats", "preact", "pooled", "prepool"]
+ALL_GROUPS: tuple[TapGroup, ...] = ("feats", "preact", "pooled", "prepool")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,9 @@ class TapSpec:
     bn_before_relu: tuple[str, ...] | None = None
     # Stage taps that can be negative (WRN raw residual sums, MobileNetV2 linear bottlenecks).
     signed: bool = False
+    # The map that global average pooling turns into ``pooled`` (CAT-KD's class activation maps), where it
+    # is not the last stage tap: WRN's final BN+ReLU, MobileNetV2's and ShuffleNetV2's last 1x1 conv.
+    prepool: Tap | None = None
 
     def taps_for(self, groups: Iterable[TapGroup]) -> dict[str, Tap]:
         wanted = set(groups)
@@ -67,6 +70,8 @@ class TapSpec:
             taps.update({f"stage{i + 1}_pre": t for i, t in enumerate(self.stages_pre)})
         if "pooled" in wanted:
             taps["pooled"] = self.pooled
+        if "prepool" in wanted:
+            taps["prepool"] = self.prepool if self.prepool is not None else self.stages[-1]
         return taps
 
 
@@ -76,13 +81,15 @@ class Outputs:
 
     ``feats`` = [stem, stage1, ..., stageL] post-activation (RepDistiller's ``is_feat`` list
     without its trailing pooled vector); ``preact`` = [stem, stage1_pre, ...]; ``pooled`` = the
-    classifier's flattened input. Unrequested groups are empty lists / ``None``.
+    classifier's flattened input; ``prepool`` = the map global pooling reduces to ``pooled``.
+    Unrequested groups are empty lists / ``None``.
     """
 
     logits: Tensor
     feats: list[Tensor] = field(default_factory=list)
     preact: list[Tensor] = field(default_factory=list)
     pooled: Tensor | None = None
+    prepool: Tensor | None = None
 
     def repdistiller_list(self) -> list[Tensor]:
         """RepDistiller's ``forward(x, is_feat=True)`` list ``[f0, ..., fL, pooled]``."""
@@ -99,6 +106,7 @@ class Outputs:
             feats=[f.detach() for f in self.feats],
             preact=[f.detach() for f in self.preact],
             pooled=None if self.pooled is None else self.pooled.detach(),
+            prepool=None if self.prepool is None else self.prepool.detach(),
         )
 
 
@@ -188,6 +196,8 @@ class FeatureExtractor:
             ]
         if "pooled" in self.groups:
             out.pooled = store["pooled"]
+        if "prepool" in self.groups:
+            out.prepool = store["prepool"]
         self._store.clear()
         return out
 

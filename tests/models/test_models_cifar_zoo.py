@@ -357,6 +357,21 @@ def test_every_cifar_model_declares_a_valid_tap_spec() -> None:
         modules = dict(model.named_modules())
         paths = [spec.stem.module, spec.pooled.module, spec.classifier, *(t.module for t in spec.stages)]
         paths += [t.module for t in spec.stages_pre or ()] + list(spec.bn_before_relu or ())
+        paths += [spec.prepool.module] if spec.prepool is not None else []
         assert all(p in modules for p in paths), entry.name
         if spec.stages_pre is not None:
             assert len(spec.stages_pre) == len(spec.stages), entry.name
+
+
+@pytest.mark.parametrize("entry", list_models(), ids=lambda e: e.name)
+def test_prepool_tap_is_the_map_that_global_pooling_reduces(entry, randomize) -> None:
+    """CAT-KD's class activation maps need the map right before global pooling: its spatial mean must be
+    the classifier's input (the last stage tap for most families; WRN/PyramidNet's final BN+ReLU and
+    MobileNetV2/ShuffleNetV2's last 1x1 conv otherwise)."""
+    torch.manual_seed(0)
+    model = randomize(entry.constructor(num_classes=10)).eval()
+    size = entry.input_size
+    with torch.no_grad():
+        out = features(model, torch.randn(2, 3, size, size), ("pooled", "prepool"))
+    assert out.prepool.dim() == 4 and out.prepool.shape[2] > 1
+    torch.testing.assert_close(out.prepool.mean((2, 3)), out.pooled.flatten(1), rtol=1e-5, atol=1e-5)

@@ -107,6 +107,7 @@ class MobileNetV2(nn.Module):
             classifier="classifier",
             bn_before_relu=tuple(f"blocks.{i}.{len(self.blocks[i]) - 1}.conv.7" for i in _STAGE_BLOCKS),
             signed=True,
+            prepool=Tap("avgpool", point="input"),  # after the last 1x1 conv
         )
 
     def forward(self, x: Tensor) -> Tensor:

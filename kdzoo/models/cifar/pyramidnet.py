@@ -119,6 +119,7 @@ class PyramidNet(nn.Module):
             classifier="fc",
             bn_before_relu=pre,
             signed=True,  # stage outputs are raw residual sums (pre-activation network)
+            prepool=Tap("avgpool", point="input"),  # after the final BN+ReLU
         )
 
     def _make_layer(

@@ -110,6 +110,7 @@ class ShuffleNetV2(nn.Module):
             stages_pre=tuple(Tap(f"layer{i}.{n}.preact") for i, n in zip((1, 2, 3), num_blocks, strict=True)),
             pooled=Tap("linear", point="input"),
             classifier="linear",
+            prepool=Tap("bn2", transform="relu"),  # the last 1x1 conv's BN, then a functional ReLU
         )
 
     def _make_layer(self, out_channels: int, num_blocks: int) -> nn.Sequential:

@@ -95,6 +95,7 @@ class WideResNet(nn.Module):
             classifier="fc",
             bn_before_relu=pre_bns,
             signed=True,  # stage outputs are raw residual sums
+            prepool=Tap("relu"),  # the final BN+ReLU after block3
         )
 
     def forward(self, x: Tensor) -> Tensor:
