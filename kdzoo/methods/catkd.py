@@ -1,5 +1,5 @@
-"""CAT-KD — Guo, Chen, Qiao, Yan, Wen, Tian, Feng, Li, "Class Attention Transfer Based Knowledge
-Distillation", CVPR 2023, arXiv 2304.12777 (methods.md §25). Reference: GzyAftermath/CAT-KD
+"""CAT-KD — Guo et al., "Class Attention Transfer Based Knowledge Distillation", CVPR 2023, arXiv 2304.12777
+(methods.md §25). Reference: GzyAftermath/CAT-KD
 ``mdistiller/distillers/CAT_KD.py`` (``CAT_loss``) with the model conversion it trains with
 (``tools/train.py`` ``if_test``; ``models/cifar/*_test``).
 

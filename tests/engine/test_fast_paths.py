@@ -12,7 +12,7 @@ from kdzoo.methods.base import Batch, Progress
 from kdzoo.models.taps import compile_model
 from tests.methods.golden_step import build_pair
 
-METHODS = ["kd", "dkd", "fitnet", "at", "crd", "reviewkd"]
+METHODS = ["kd", "dkd", "fitnet", "at", "crd", "reviewkd", "catkd"]
 
 
 def _losses(common, method, *, channels_last=False, amp=False, compiled=None):
