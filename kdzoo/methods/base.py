@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
 from kdzoo.methods.losses import ce_and_kd
-from kdzoo.models.taps import FeatureExtractor, Outputs, TapGroup, probe_shapes
+from kdzoo.models.taps import FeatureExtractor, Outputs, TapGroup, classifier_of, probe_shapes
 
 
 @dataclass
@@ -79,6 +79,14 @@ class StageOverride:
     trainable: list[str] | None = None
     lr: float | None = None
     use_schedule: bool | None = None
+
+
+def find_classifier(model: nn.Module, purpose: str) -> nn.Module:
+    """``classifier_of(model)``, or a UserInputError that says what the method needed it for."""
+    try:
+        return classifier_of(model)
+    except Exception as exc:  # any failure to locate it means the method cannot run with this model
+        raise UserInputError(f"{purpose}, but none was found on {type(model).__name__}: {exc}") from exc
 
 
 class Distiller(nn.Module):

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.base import Batch, Distiller, Progress, find_classifier
 from kdzoo.methods.losses import at_least_fp32, autocast_off
 from kdzoo.methods.registry import register_method
-from kdzoo.models.taps import Outputs, classifier_of, features
+from kdzoo.models.taps import Outputs, features
 
 
 @dataclass
@@ -59,11 +59,7 @@ def cat_loss(student_maps: Tensor, teacher_maps: Tensor, normalize: bool) -> Ten
 
 
 def linear_classifier(model: nn.Module, role: str) -> nn.Linear:
-    try:
-        head = classifier_of(model)
-    except Exception as exc:
-        raise UserInputError(f"catkd applies the {role}'s classifier to its feature map, but none was found on "
-                             f"{type(model).__name__}: {exc}") from exc
+    head = find_classifier(model, f"catkd applies the {role}'s classifier to its feature map")
     if isinstance(head, nn.Sequential):  # RepDistiller's MobileNetV2: Sequential(Linear); timm/tv: Dropout first
         layers = list(head)
         if layers and all(isinstance(m, (nn.Dropout, nn.Identity)) for m in layers[:-1]):
@@ -79,6 +75,8 @@ def _check_prepool_tap(model: nn.Module, input_shape: tuple[int, ...], role: str
     was_training = model.training
     model.eval()
     try:
+        # A random batch, not probe_shapes' zeros: through a fresh network zeros can stay zero on both sides
+        # of the comparison and let a wrong tap pass.
         with torch.no_grad():
             probe = features(model, torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(
                 next(model.parameters()).device), ("pooled", "prepool"))

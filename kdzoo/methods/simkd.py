@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.base import Batch, Distiller, Progress, find_classifier
 from kdzoo.methods.losses import at_least_fp32
 from kdzoo.methods.registry import register_method
-from kdzoo.models.taps import FeatureExtractor, Outputs, classifier_of
+from kdzoo.models.taps import FeatureExtractor, Outputs
 
 
 @dataclass
@@ -102,12 +102,7 @@ class SimKD(Distiller):
 
     def build(self) -> None:
         assert self.teacher is not None
-        try:
-            teacher_classifier = classifier_of(self.teacher)
-        except Exception as exc:  # any failure to locate it means SimKD cannot run with this teacher
-            raise UserInputError(
-                f"simkd reuses the teacher's classifier, but none was found on {type(self.teacher).__name__}: {exc}"
-            ) from exc
+        teacher_classifier = find_classifier(self.teacher, "simkd reuses the teacher's classifier")
         teacher_probe = self.probe_teacher()
         s_map, t_map = self.probe_student().feats[-1], teacher_probe.feats[-1]
         if teacher_probe.pooled is None or teacher_probe.pooled.shape[1] != t_map.shape[1]:

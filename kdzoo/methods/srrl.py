@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.base import Batch, Distiller, Progress, find_classifier
 from kdzoo.methods.losses import at_least_fp32
 from kdzoo.methods.registry import register_method
-from kdzoo.models.taps import Outputs, classifier_of
+from kdzoo.models.taps import Outputs
 
 
 @dataclass
@@ -37,13 +36,7 @@ class SRRL(Distiller):
 
     def build(self) -> None:
         assert self.teacher is not None
-        try:
-            teacher_classifier = classifier_of(self.teacher)
-        except Exception as exc:
-            raise UserInputError(
-                f"srrl regresses through the teacher's classifier, but none was found on "
-                f"{type(self.teacher).__name__}: {exc}"
-            ) from exc
+        teacher_classifier = find_classifier(self.teacher, "srrl regresses through the teacher's classifier")
         # Kept out of the module tree: it is the teacher's (frozen, checkpointed with the teacher).
         object.__setattr__(self, "_teacher_classifier", teacher_classifier)
         s_dim = self.probe_student().pooled.shape[1]
