@@ -15,19 +15,25 @@ the floor that method cannot go below at the same hardware efficiency.
 from __future__ import annotations
 
 import gc
+import json
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from kdzoo.methods.base import Batch, DatasetInfo, Distiller, Progress
+from kdzoo.config.loader import config_from_dict
+from kdzoo.engine.run import run_training
+from kdzoo.methods.base import Distiller
 from kdzoo.methods.registry import create_distiller, list_methods
 from kdzoo.models.registry import create_model
+from kdzoo.types import Batch, DatasetInfo, Progress
 
 
 @dataclass
@@ -86,6 +92,20 @@ def _summary(name: str, times: list[float], device: torch.device, extra: int = 0
     return Timing(name, statistics.median(times), min(times), max(times), extra, _peak_mb(device), flops)
 
 
+@dataclass
+class BenchInputs:
+    """The one batch every timed step sees, and the frozen teacher they share."""
+
+    images: torch.Tensor
+    target: torch.Tensor
+    index: torch.Tensor
+    teacher: torch.nn.Module
+    device: torch.device
+    memory_format: torch.memory_format
+    warmup: int
+    steps: int
+
+
 def run_bench(
     teacher_name: str = "resnet32x4",
     student_name: str = "resnet8x4",
@@ -98,8 +118,23 @@ def run_bench(
     with_cache: bool = False,
     channels_last: bool = False,
 ) -> list[Timing]:
-    """``channels_last``: every network, method module and the batch in that memory format (the
+    """The floor rows, then one row per method (and per cached-teacher variant with ``with_cache``).
+    ``channels_last``: every network, method module and the batch in that memory format (the
     ``runtime.channels_last`` fast path), floor included, so the ratios stay like for like."""
+    inputs = _bench_inputs(teacher_name, batch_size, device_name, num_classes, warmup, steps, channels_last)
+    results = _floor_timings(inputs, student_name, num_classes)
+    for name in methods or list(list_methods()):
+        distiller = _build(name, inputs.teacher, student_name, num_classes, inputs.device)
+        if distiller is None:
+            continue
+        results.extend(_method_timings(name, distiller, inputs, with_cache))
+        del distiller
+        gc.collect()
+    return results
+
+
+def _bench_inputs(teacher_name: str, batch_size: int, device_name: str, num_classes: int, warmup: int, steps: int,
+                  channels_last: bool) -> BenchInputs:
     device = torch.device(device_name)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
@@ -108,58 +143,62 @@ def run_bench(
     index = torch.randint(0, 50000, (batch_size,), device=device)
     teacher = create_model(teacher_name, num_classes=num_classes).to(device, memory_format=memory_format)
     teacher.eval().requires_grad_(False)
-    results = []
+    return BenchInputs(images, target, index, teacher, device, memory_format, warmup, steps)
 
-    student = create_model(student_name, num_classes=num_classes).to(device, memory_format=memory_format)
+
+def _timed(name: str, step: Callable[[], None], inputs: BenchInputs, extra_params: int = 0) -> Timing:
+    times = time_steps(step, inputs.device, inputs.warmup, inputs.steps)
+    return _summary(name, times, inputs.device, extra_params, count_flops(step))
+
+
+def _floor_timings(inputs: BenchInputs, student_name: str, num_classes: int) -> list[Timing]:
+    """The compute floor (teacher forward + student step) and the student step alone."""
+    student = create_model(student_name, num_classes=num_classes).to(inputs.device, memory_format=inputs.memory_format)
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     def floor_step(with_teacher: bool) -> Callable[[], None]:
         def step() -> None:
             if with_teacher:
                 with torch.no_grad():
-                    teacher(images)
-            loss = F.cross_entropy(student(images), target)
+                    inputs.teacher(inputs.images)
+            loss = F.cross_entropy(student(inputs.images), inputs.target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
         return step
 
-    for label, with_teacher in (("floor (teacher fwd + student step)", True), ("student only", False)):
-        step = floor_step(with_teacher)
-        results.append(_summary(label, time_steps(step, device, warmup, steps), device, 0, count_flops(step)))
+    return [_timed("floor (teacher fwd + student step)", floor_step(True), inputs),
+            _timed("student only", floor_step(False), inputs)]
 
-    for name in methods or list(list_methods()):
-        distiller = _build(name, teacher, student_name, num_classes, device)
-        if distiller is None:
-            continue
-        distiller.to(memory_format=memory_format)
-        params = [p for g in distiller.param_groups(distiller.stages()[-1]) for p in g["params"]]
-        method_opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
-        batch = Batch(images, target, index, {})
-        progress = Progress(epoch=30, epochs=240, stage=distiller.stages()[-1].name)
 
-        def method_step(d: Distiller = distiller, o: torch.optim.Optimizer = method_opt, b: Batch = batch,
-                        p: Progress = progress) -> None:
-            _, losses = d.training_step(b, p)
-            o.zero_grad(set_to_none=True)
+def _method_timings(name: str, distiller: Distiller, inputs: BenchInputs, with_cache: bool) -> list[Timing]:
+    """A method's full step in its last stage; with ``with_cache``, also with the teacher logits looked up
+    (the kdzoo teacher cache) instead of computed, to compare with "student only"."""
+    distiller.to(memory_format=inputs.memory_format)
+    stage = distiller.training_stages()[-1]
+    params = [p for g in distiller.param_groups(stage) for p in g["params"]]
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    progress = Progress(epoch=30, epochs=240, stage=stage.name)
+    extra = distiller.num_extra_parameters()
+
+    def method_step(batch: Batch) -> Callable[[], None]:
+        def step() -> None:
+            _, losses = distiller.training_step(batch, progress)
+            optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
-            o.step()
+            optimizer.step()
 
-        distiller.train()
-        times = time_steps(method_step, device, warmup, steps)
-        results.append(_summary(name, times, device, distiller.num_extra_parameters(), count_flops(method_step)))
-        if with_cache and distiller.teacher is not None and not distiller.uses_teacher_features:
-            # Teacher logits looked up (kdzoo cache) instead of computed: compare with "student only".
-            with torch.no_grad():
-                cached = teacher(images)
-            cached_batch = Batch(images, target, index, {"teacher_logits": cached})
-            times = time_steps(lambda cb=cached_batch: method_step(b=cb), device, warmup, steps)
-            results.append(_summary(f"{name} + teacher cache", times, device, distiller.num_extra_parameters(),
-                                    count_flops(lambda cb=cached_batch: method_step(b=cb))))
-        del distiller, method_opt
-        gc.collect()
-    return results
+        return step
+
+    distiller.train()
+    timings = [_timed(name, method_step(Batch(inputs.images, inputs.target, inputs.index)), inputs, extra)]
+    if with_cache and distiller.teacher is not None and not distiller.uses_teacher_features:
+        with torch.no_grad():
+            cached = inputs.teacher(inputs.images)
+        batch = Batch(inputs.images, inputs.target, inputs.index, teacher_logits=cached)
+        timings.append(_timed(f"{name} + teacher cache", method_step(batch), inputs, extra))
+    return timings
 
 
 def _build(name: str, teacher: torch.nn.Module, student_name: str, num_classes: int,
@@ -200,12 +239,6 @@ def time_epoch(method: str, teacher_name: str, student_name: str, batch_size: in
     """One epoch of ``kdzoo train`` over the first ``samples`` CIFAR-100 training images: the real data
     pipeline, trainer, logging and checkpointing (random-weight teacher; no evaluation). Reported as
     s/step over the epoch so it compares with the step timings."""
-    import tempfile
-    from pathlib import Path
-
-    from kdzoo.config.loader import config_from_dict
-    from kdzoo.engine.run import run_training
-
     with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
         teacher_file = Path(tmp) / "teacher.pth"
         torch.save({"model": create_model(teacher_name, num_classes=100).state_dict()}, teacher_file)
@@ -219,8 +252,6 @@ def time_epoch(method: str, teacher_name: str, student_name: str, batch_size: in
             "runtime": {"device": device_name, "progress": False, "tensorboard": False},
         })
         summary = run_training(cfg)
-        import json
-
         record = json.loads((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1])
     steps = record["step"]
     per_step = record["epoch_time_s"] / steps

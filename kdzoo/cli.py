@@ -4,11 +4,27 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+from kdzoo.bench import format_table, run_bench, time_epoch
+from kdzoo.config.loader import config_from_dict, deep_merge, load_config, parse_overrides
+from kdzoo.data.datasets import build_data
+from kdzoo.demo import run_demo
+from kdzoo.engine.run import run_training
+from kdzoo.engine.runtime import resolve_device
+from kdzoo.engine.setup import build_model, cache_key_for, load_model_for_eval, load_weights
+from kdzoo.engine.stop import TrainingStopped
+from kdzoo.engine.teacher_cache import TeacherCache, build_cache, verify_cache
+from kdzoo.engine.trainer import evaluate
 from kdzoo.errors import UserInputError
+from kdzoo.methods.registry import list_methods
+from kdzoo.models.registry import count_parameters, create_model, list_models
+from kdzoo.plot import plot_runs
 
 EXIT_USER_ERROR = 2
 
@@ -18,9 +34,6 @@ def _configs_root() -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from kdzoo.config.loader import load_config
-    from kdzoo.engine.run import run_training
-    from kdzoo.engine.stop import TrainingStopped
 
     overrides = list(args.overrides)
     resume = args.resume
@@ -44,13 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
 
-    from kdzoo.config.loader import config_from_dict, deep_merge, parse_overrides
-    from kdzoo.data.datasets import build_data
-    from kdzoo.engine.runtime import resolve_device
-    from kdzoo.engine.setup import load_model_for_eval
-    from kdzoo.engine.trainer import evaluate
 
     raw = deep_merge({"student": {"name": args.model or "resnet8"}}, parse_overrides(args.overrides))
     cfg = config_from_dict(raw)
@@ -68,15 +75,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "methods":
-        from kdzoo.methods.registry import list_methods
 
         for name, cls in list_methods().items():
             doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
             print(f"{name:14s} {doc}")
     elif args.what == "models":
-        import torch
 
-        from kdzoo.models.registry import count_parameters, create_model, list_models
 
         print(f"{'name':22s} {'family':9s} {'params (100 cls)':>16s}")
         for entry in list_models():
@@ -93,18 +97,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from kdzoo.demo import run_demo
 
     run_demo(output_dir=args.output_dir, epochs=args.epochs, teacher_epochs=args.teacher_epochs)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import platform
 
-    import torch
 
-    from kdzoo.bench import format_table, run_bench
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,7 +117,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
               f"{platform.processor() or platform.machine()}")
     if args.epoch_samples:
-        from kdzoo.bench import time_epoch
 
         results.append(time_epoch("kd", args.teacher, args.student, args.batch_size, args.device, args.data_root,
                                   args.epoch_samples, args.output_dir))
@@ -126,13 +125,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
-    from kdzoo.config.loader import load_config
-    from kdzoo.data.datasets import build_data
-    from kdzoo.engine.runtime import resolve_device
-    from kdzoo.engine.setup import build_model, cache_key_for, load_weights
-    from kdzoo.engine.teacher_cache import TeacherCache, build_cache, verify_cache
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.teacher.cache:
@@ -157,7 +150,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from kdzoo.plot import plot_runs
 
     labels = args.labels.split(",") if args.labels else None
     output = plot_runs(args.runs, args.output, labels)

@@ -14,7 +14,7 @@ import torch
 
 from kdzoo.config.loader import load_config
 from kdzoo.data.datasets import build_data, load_source
-from kdzoo.methods.base import Progress
+from kdzoo.types import Progress
 from kdzoo.methods.registry import method_class
 from kdzoo.models.registry import create_model
 from tests.conftest import REPO_ROOT

@@ -17,8 +17,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kdzoo.config.schema import Config
-from kdzoo.config.validate import merge_into_schema
 from kdzoo.errors import UserInputError
+from kdzoo.methods.base import build_method_config, stage_overrides
+from kdzoo.methods.registry import method_class
+from kdzoo.models.registry import canonical_name
+from kdzoo.validation import merge_into_schema
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
@@ -77,15 +80,16 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Range and consistency checks the type system cannot express."""
-    from kdzoo.methods.base import build_method_config, stage_overrides
-    from kdzoo.methods.registry import method_class
-    from kdzoo.models.registry import canonical_name
-
+    data = cfg.data
     checks = [
         (cfg.data.batch_size > 0, "data.batch_size must be positive"),
         (cfg.data.test_batch_size > 0, "data.test_batch_size must be positive"),
         (cfg.data.subset is None or cfg.data.subset > 0, "data.subset must be positive or null"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        ((data.mean is None) == (data.std is None), "set data.mean and data.std together (or neither)"),
+        (data.mean is None or len(data.mean) == len(data.std or ()), "data.mean and data.std need one value per "
+         "channel each"),
+        (data.std is None or all(v > 0 for v in data.std), "data.std values must be positive"),
         (cfg.optim.lr > 0, "optim.lr must be positive"),
         (0 <= cfg.optim.momentum < 1, "optim.momentum must be in [0, 1)"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
@@ -107,7 +111,12 @@ def validate(cfg: Config) -> None:
         raise UserInputError("method.name is missing (e.g. method.name=kd; `kdzoo list methods` shows all)")
     method_cls = method_class(str(cfg.method["name"]))
     build_method_config(method_cls, dict(cfg.method), {})
-    stage_overrides(dict(cfg.method), {})
+    for override in stage_overrides(dict(cfg.method), {}):
+        if override.name not in method_cls.declared_stages:
+            raise UserInputError(
+                f"method.stages names stage {override.name!r}, but {method_cls.name} declares the stages "
+                f"{list(method_cls.declared_stages)}"
+            )
     canonical_name(cfg.student.name)
     if method_cls.requires_teacher:
         if not cfg.teacher.name:

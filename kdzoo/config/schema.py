@@ -31,6 +31,10 @@ class DataConfig:
     augment: bool = True
     drop_last: bool = False
     image_size: int | None = None  # imagefolder datasets: training crop size (default 224)
+    # Per-channel normalisation; null = the dataset's convention (CIFAR-100: RepDistiller's, mdistiller's and
+    # SimKD's constants, which their published teachers were trained with; docs/config.md).
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
 
 @dataclass
@@ -39,12 +43,16 @@ class TeacherConfig:
     checkpoint: str | None = None
     # Directory of a teacher-output cache (`kdzoo cache build`); logits-only methods then skip the teacher.
     cache: str | None = None
+    # Module paths of the tap groups, for a model whose taps kdzoo cannot derive (docs/models.md, Taps):
+    # {stem: act1, stages: [layer1, ...], stages_pre: [...], pooled: 'in:fc', prepool: ..., classifier: fc}.
+    taps: dict[str, Any] | None = None
 
 
 @dataclass
 class StudentConfig:
     name: str = "resnet8x4"
     checkpoint: str | None = None  # optional initial weights
+    taps: dict[str, Any] | None = None  # as teacher.taps
 
 
 @dataclass

@@ -19,8 +19,11 @@ import torch
 from kdzoo.data.safe_pickle import load_pickle
 from kdzoo.errors import UserInputError
 
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)  # shared/data/README.md, the KD literature's statistics
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+# The constants RepDistiller, mdistiller and SimKD normalise CIFAR-100 with (RepDistiller
+# dataset/cifar100.py, mdistiller mdistiller/dataset/cifar100.py, SimKD dataset/cifar100.py): their published
+# teachers were trained on inputs normalised this way, so evaluating them needs exactly these values.
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 

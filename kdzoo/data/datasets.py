@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdzoo.config.validate import suggest
+from kdzoo.data import folder
 from kdzoo.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, load_cifar_split
 from kdzoo.data.tensor_loader import CropFlip, TensorBatchLoader
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, DatasetInfo
+from kdzoo.types import Batch, DatasetInfo
+from kdzoo.validation import suggest
 
 
 class TrainLoader(Protocol):
@@ -132,7 +133,10 @@ def build_data(
     train_images, train_targets = source.train_images, source.train_targets
     if cfg.subset is not None:
         train_images, train_targets = train_images[: cfg.subset], train_targets[: cfg.subset]
-    common = {"mean": source.mean, "std": source.std, "device": device}
+    common = {"mean": tuple(cfg.mean or source.mean), "std": tuple(cfg.std or source.std), "device": device}
+    if len(common["mean"]) != train_images.shape[1]:
+        raise UserInputError(f"data.mean/data.std have {len(common['mean'])} values but the {cfg.dataset} images "
+                             f"have {train_images.shape[1]} channels")
     train = TensorBatchLoader(
         train_images, train_targets, batch_size=cfg.batch_size, augment=source.augment, shuffle=True,
         drop_last=drop_last or cfg.drop_last, seed=seed, rank=rank, world_size=world_size, **common,
@@ -156,19 +160,27 @@ def spread_subset(samples: list, count: int) -> list:
     return [samples[i * len(samples) // count] for i in range(count)]
 
 
+def _normalisation(cfg: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[tuple[float, ...], ...]:
+    """``data.mean`` / ``data.std`` where set, else the dataset's convention."""
+    if cfg.mean is not None and len(cfg.mean) != 3:
+        raise UserInputError(f"data.mean/data.std need 3 values (RGB images), got {len(cfg.mean)}")
+    return tuple(cfg.mean or mean), tuple(cfg.std or std)
+
+
 def build_folder_data(
     cfg: Any, *, seed: int, device: torch.device, rank: int, world_size: int, drop_last: bool
 ) -> DataBundle:
     """ImageNet (``root/train``, ``root/val`` class folders), Tiny-ImageNet (``root/tiny-imagenet-200`` or
     ``root`` with its ``val_annotations.txt``) and any ImageFolder layout (``root/train``, ``root/val``)."""
-    from kdzoo.data import folder
+
 
     root = Path(cfg.root)
     if cfg.dataset == "tiny_imagenet":
         root = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() else root
         train_samples, classes = folder.scan_class_folders(root / "train")
         test_samples = folder.scan_tiny_imagenet_val(root, classes)
-        train_tf, test_tf = folder.tiny_imagenet_transforms()
+        train_tf, test_tf = folder.tiny_imagenet_transforms(*_normalisation(cfg, folder.TINY_IMAGENET_MEAN,
+                                                                              folder.TINY_IMAGENET_STD))
         size = 64
     else:
         train_samples, classes = folder.scan_class_folders(root / "train")
@@ -176,7 +188,8 @@ def build_folder_data(
         if test_classes != classes:
             raise UserInputError(f"{root}/val has other classes than {root}/train")
         size = cfg.image_size or 224
-        train_tf, test_tf = folder.imagenet_transforms(size)
+        train_tf, test_tf = folder.imagenet_transforms(size, *_normalisation(cfg, folder.IMAGENET_MEAN,
+                                                                             folder.IMAGENET_STD))
     if not cfg.augment:
         train_tf = test_tf
     if cfg.subset is not None:

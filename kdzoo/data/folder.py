@@ -8,7 +8,7 @@ the same crop whichever worker decodes it and whether or not the epoch was inter
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from kdzoo.data.tensor_loader import _epoch_generator
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch
+from kdzoo.types import Batch
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TINY_IMAGENET_MEAN, TINY_IMAGENET_STD = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)  # methods.md §0.3
@@ -118,15 +118,17 @@ class FolderLoader:
         return self.iterate(epoch=1)
 
 
-def imagenet_transforms(size: int = 224) -> tuple[Callable, Callable]:
+def imagenet_transforms(size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
+                        std: Sequence[float] = IMAGENET_STD) -> tuple[Callable, Callable]:
     """MD/TD ImageNet recipe: RandomResizedCrop + flip; test Resize(256) + CenterCrop(224)."""
-    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    norm = [T.ToTensor(), T.Normalize(mean, std)]
     train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
     test = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), *norm])
     return train, test
 
 
-def tiny_imagenet_transforms() -> tuple[Callable, Callable]:
+def tiny_imagenet_transforms(mean: Sequence[float] = TINY_IMAGENET_MEAN,
+                             std: Sequence[float] = TINY_IMAGENET_STD) -> tuple[Callable, Callable]:
     """MD Tiny-ImageNet recipe (methods.md §0.3): RandomRotation(20) + flip at 64x64."""
-    norm = [T.ToTensor(), T.Normalize(TINY_IMAGENET_MEAN, TINY_IMAGENET_STD)]
+    norm = [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose([T.RandomRotation(20), T.RandomHorizontalFlip(), *norm]), T.Compose(norm)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdzoo.methods.base import Batch
+from kdzoo.types import Batch
 
 
 @dataclass(frozen=True)
@@ -134,12 +134,12 @@ class TensorBatchLoader:
             sl = slice(step * self.batch_size, min((step + 1) * self.batch_size, n))
             index = plan.order[sl]
             images = self.images[index]
-            extras = {}
+            crop = None
             if plan.crop_x is not None:
                 cx, cy, fl = plan.crop_x[sl], plan.crop_y[sl], plan.flip[sl]  # type: ignore[index]
                 images = self.crop_flip(images, cx, cy, fl)
-                extras["view"] = torch.stack([cx, cy, fl.long()], dim=1)
-            yield Batch(self.normalize(images), self.targets[index], index, extras)
+                crop = torch.stack([cx, cy, fl.long()], dim=1)
+            yield Batch(self.normalize(images), self.targets[index], index, crop=crop)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.iterate(epoch=1)

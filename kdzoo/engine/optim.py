@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from kdzoo.config.schema import OptimConfig, ScheduleConfig
+from kdzoo.engine.dot import DistillationOrientedSGD
 
 
 def build_optimizer(
@@ -14,8 +15,6 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     lr = cfg.lr if lr is None else lr
     if cfg.name == "dot":
-        from kdzoo.engine.dot import DistillationOrientedSGD
-
         return DistillationOrientedSGD(
             param_groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, delta=cfg.dot_delta
         )
@@ -33,4 +32,4 @@ def multistep_lr(base_lr: float, epoch: int, schedule: ScheduleConfig) -> float:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr

@@ -18,10 +18,14 @@ from torch import nn
 
 from kdzoo.config.schema import Config
 from kdzoo.data.datasets import DataBundle, build_data
+from kdzoo.data.tensor_loader import TensorBatchLoader
+from kdzoo.engine.checkpoint_io import load_verified
 from kdzoo.engine.runtime import resolve_device, seed_everything, set_deterministic
+from kdzoo.engine.teacher_cache import TeacherCache, cache_key
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Distiller
 from kdzoo.methods.registry import method_class
+from kdzoo.models.checkpoint import load_checkpoint
 from kdzoo.models.registry import create_model, model_entry
 
 
@@ -33,12 +37,10 @@ class RunParts:
     distiller: Distiller
     rank: int = 0
     world_size: int = 1
-    teacher_cache: Any = None  # kdzoo.engine.teacher_cache.TeacherCache when configured and usable
+    teacher_cache: TeacherCache | None = None  # when configured and usable
 
 
 def load_weights(model: nn.Module, path: str, role: str) -> dict:
-    from kdzoo.models.checkpoint import load_checkpoint
-
     if not Path(path).is_file():
         raise UserInputError(f"{role} checkpoint {path} does not exist")
     return load_checkpoint(model, path)
@@ -49,8 +51,6 @@ def load_model_for_eval(
 ) -> nn.Module:
     """A deployable network from a checkpoint: a plain architecture, or the composite a method exported
     (SimKD: student backbone + projector + teacher classifier), rebuilt from what the export recorded."""
-    from kdzoo.engine.checkpoint_io import load_verified
-
     if not Path(path).is_file():
         raise UserInputError(f"checkpoint {path} does not exist")
     composite = None
@@ -65,8 +65,10 @@ def load_model_for_eval(
         model = build_model(name, num_classes, input_shape)
         load_weights(model, path, "model")
         return model
-    student = build_model(composite["student_name"], num_classes, input_shape)
-    teacher = build_model(composite["teacher_name"], num_classes, input_shape)
+    student = build_model(composite["student_name"], num_classes, input_shape, composite.get("student_taps"),
+                          "student")
+    teacher = build_model(composite["teacher_name"], num_classes, input_shape, composite.get("teacher_taps"),
+                          "teacher")
     method = method_class(composite["method"])
     distiller = method(student, teacher, composite["method_config"], input_shape=input_shape)
     model = distiller.export_student()
@@ -74,14 +76,16 @@ def load_model_for_eval(
     return model
 
 
-def build_model(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], taps: dict[str, Any] | None = None,
+                role: str = "model") -> nn.Module:
+    """``taps``: the config's ``<role>.taps`` module paths (checked against the model's modules here)."""
     entry = model_entry(name)
     if entry is not None and entry.family == "cifar" and tuple(input_shape[1:]) != (entry.input_size,) * 2:
         raise UserInputError(
             f"model {name!r} expects {entry.input_size}x{entry.input_size} inputs, but the dataset's images are "
             f"{input_shape[1]}x{input_shape[2]}"
         )
-    return create_model(name, num_classes=num_classes)
+    return create_model(name, num_classes=num_classes, taps=taps, taps_where=f"{role}.taps")
 
 
 def prepare_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> RunParts:
@@ -98,19 +102,20 @@ def prepare_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torc
         drop_last=method_cls.needs_fixed_batch_size,
     )
     # Models are built after seeding, so a seed fixes the student's initial weights too.
-    student = build_model(cfg.student.name, data.num_classes, data.input_shape)
+    student = build_model(cfg.student.name, data.num_classes, data.input_shape, cfg.student.taps, "student")
     if cfg.student.checkpoint:
         load_weights(student, cfg.student.checkpoint, "student")
     teacher = None
     if method_cls.requires_teacher or cfg.teacher.name:
         if not cfg.teacher.name or not cfg.teacher.checkpoint:
             raise UserInputError(f"method {method_cls.name!r} needs teacher.name and teacher.checkpoint")
-        teacher = build_model(cfg.teacher.name, data.num_classes, data.input_shape)
+        teacher = build_model(cfg.teacher.name, data.num_classes, data.input_shape, cfg.teacher.taps, "teacher")
         load_weights(teacher, cfg.teacher.checkpoint, "teacher")
     student.to(device)
     if teacher is not None:
         teacher.to(device)
-    distiller = method_cls(student, teacher, dict(cfg.method), input_shape=data.input_shape)
+    distiller = method_cls(student, teacher, dict(cfg.method), input_shape=data.input_shape,
+                           batch_size=cfg.data.batch_size)
     distiller.to(device)
     distiller.bind_dataset(data.info)
     if cfg.runtime.channels_last:
@@ -120,17 +125,13 @@ def prepare_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torc
 
 
 def cache_key_for(cfg: Config, data: DataBundle) -> Any:
-    from kdzoo.data.tensor_loader import TensorBatchLoader
-    from kdzoo.engine.teacher_cache import cache_key
-
     if not isinstance(data.train, TensorBatchLoader) or not cfg.teacher.name or not cfg.teacher.checkpoint:
         raise UserInputError("the teacher cache needs an in-memory dataset (CIFAR, mnist5k) and a teacher checkpoint")
     return cache_key(data.train, cfg.teacher.name, cfg.teacher.checkpoint, cfg.data.dataset, data.num_classes)
 
 
-def open_teacher_cache(cfg: Config, data: DataBundle, distiller: Distiller, device: torch.device) -> Any:
-    from kdzoo.engine.teacher_cache import TeacherCache
-
+def open_teacher_cache(cfg: Config, data: DataBundle, distiller: Distiller,
+                       device: torch.device) -> TeacherCache | None:
     if distiller.uses_teacher_features:
         warnings.warn(f"{distiller.name} reads teacher features, not only logits: teacher.cache is ignored and the "
                       "live teacher runs", stacklevel=2)

@@ -128,7 +128,7 @@ class TeacherCache:
         self.device = device
 
     def lookup(self, index: Tensor, view: Tensor) -> Tensor:
-        """``view`` = [B, 3] (crop_x, crop_y, flip) as the loader records it in ``batch.extras``."""
+        """``view`` = [B, 3] (crop_x, crop_y, flip) as the loader records it in ``Batch.crop``."""
         idx, v = index.cpu().numpy(), view.cpu().numpy()
         rows = self.table[idx, v[:, 1], v[:, 0], v[:, 2]]
         return torch.from_numpy(np.ascontiguousarray(rows)).to(self.device, non_blocking=True).float()

@@ -17,12 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
 from kdzoo import __version__
 from kdzoo.config.loader import to_dict, to_yaml
 from kdzoo.engine import checkpoint_io
+from kdzoo.engine.dot import dot_backward_step
 from kdzoo.engine.faults import fault_point
 from kdzoo.engine.logger import MetricsLog
 from kdzoo.engine.optim import build_optimizer, multistep_lr, set_lr
@@ -30,8 +34,8 @@ from kdzoo.engine.runtime import amp_dtype, autocast, rng_state, set_rng_state
 from kdzoo.engine.setup import RunParts
 from kdzoo.engine.stop import StopRequests, TrainingStopped
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Progress, Stage
 from kdzoo.models.taps import compile_model
+from kdzoo.types import Batch, Progress, Stage
 
 
 class NonFiniteLossError(RuntimeError):
@@ -115,8 +119,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.model: nn.Module = self.distiller
         if parts.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
             ids = [self.device.index] if self.device.type == "cuda" else None
             self._sync_self_synchronised_buffers()
             # Multi-stage methods leave some parameters without gradients in their early stages.
@@ -210,6 +212,8 @@ class Trainer:
                 "method_config": dataclasses.asdict(self.distiller.cfg),
                 "student_name": self.cfg.student.name,
                 "teacher_name": self.cfg.teacher.name,
+                "student_taps": self.cfg.student.taps,
+                "teacher_taps": self.cfg.teacher.taps,
             }
         checkpoint_io.save_checkpoint(payload, self.run_dir / name)
 
@@ -244,8 +248,6 @@ class Trainer:
         one all-reduce, so every process stops at the same step)."""
         signum = self.stop_requests.signum or 0
         if self.parts.world_size > 1:
-            import torch.distributed as dist
-
             flag = torch.tensor([signum], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             signum = int(flag.item())
@@ -259,112 +261,155 @@ class Trainer:
                               f"of the epoch (global step {s.global_step})")
 
     def train_epoch(self, stage: Stage) -> None:
+        """One epoch of ``stage`` from the state's position (a resumed run starts mid-epoch): the steps, then
+        the end-of-epoch checks, evaluation, record, exports and checkpoint."""
         s = self.state
-        loader = self.parts.data.train
         epochs = self.stage_epochs(stage)
-        base_lr = stage.lr if stage.lr is not None else self.cfg.optim.lr
-        set_lr(self.optimizer, multistep_lr(base_lr, s.epoch, self.cfg.schedule) if stage.use_schedule else base_lr)
+        self._set_epoch_lr(stage)
         self.distiller.train()
         progress = Progress(epoch=s.epoch, epochs=epochs, step=s.global_step, stage=stage.name)
-        sums = s.epoch_sums
         bad_terms: dict[str, Tensor] = {}
-        interval = self.cfg.runtime.checkpoint_interval
         started = time.perf_counter()
-        bar = self._progress_bar(len(loader), s.step_in_epoch, f"{stage.name} {s.epoch}/{epochs}")
-        for batch in loader.iterate(s.epoch, s.step_in_epoch):
+        steps_in_epoch = len(self.parts.data.train)
+        bar = self._progress_bar(steps_in_epoch, s.step_in_epoch, f"{stage.name} {s.epoch}/{epochs}")
+        for batch in self.parts.data.train.iterate(s.epoch, s.step_in_epoch):
             progress.step = s.global_step
-            losses = self.train_step(batch, progress)
-            for name, value in losses.items():
-                value = value.detach().float()
-                sums[name] = sums[name] + value if name in sums else value.clone()
-                finite = torch.isfinite(value)
-                bad_terms[name] = bad_terms[name] | ~finite if name in bad_terms else ~finite
+            self._accumulate(self.train_step(batch, progress), bad_terms)
             s.epoch_steps += 1
             s.step_in_epoch += 1
             s.global_step += 1
             fault_point("step")
             if bar is not None:
                 bar.update(1)
-            at_log_step = s.step_in_epoch % self.cfg.runtime.log_interval == 0
-            # Single process: a free flag check every step. DDP: agreed at log steps (one collective).
-            if (at_log_step or self.parts.world_size == 1) and s.step_in_epoch < len(loader):
-                self._stop_if_requested(stage, bad_terms)
-            if at_log_step:
-                self._check_finite(bad_terms, stage)
-                if bar is not None:
-                    bar.set_postfix({k: f"{float(v) / s.epoch_steps:.3f}" for k, v in sums.items()})
-            if interval and s.step_in_epoch % interval == 0 and s.step_in_epoch < len(loader):
-                self._check_finite(bad_terms, stage)
-                self.save()
+            if s.step_in_epoch < steps_in_epoch:
+                self._between_steps(stage, bad_terms, bar)
         if bar is not None:
             bar.close()
+        self._end_epoch(stage, bad_terms, time.perf_counter() - started)
+
+    def _set_epoch_lr(self, stage: Stage) -> None:
+        base_lr = stage.lr if stage.lr is not None else self.cfg.optim.lr
+        lr = multistep_lr(base_lr, self.state.epoch, self.cfg.schedule) if stage.use_schedule else base_lr
+        set_lr(self.optimizer, lr)
+
+    def _accumulate(self, losses: dict[str, Tensor], bad_terms: dict[str, Tensor]) -> None:
+        """Add the step's losses to the epoch sums and its non-finite flags to ``bad_terms``, on the device
+        (no host read here)."""
+        sums = self.state.epoch_sums
+        for name, value in losses.items():
+            value = value.detach().float()
+            sums[name] = sums[name] + value if name in sums else value.clone()
+            not_finite = ~torch.isfinite(value)
+            bad_terms[name] = bad_terms[name] | not_finite if name in bad_terms else not_finite
+
+    def _between_steps(self, stage: Stage, bad_terms: dict[str, Tensor], bar: Any) -> None:
+        """Stop requests, the host read of the losses at log steps, mid-epoch checkpoints."""
+        s, runtime = self.state, self.cfg.runtime
+        at_log_step = s.step_in_epoch % runtime.log_interval == 0
+        # Single process: a free flag check every step. DDP: agreed at log steps (one collective).
+        if at_log_step or self.parts.world_size == 1:
+            self._stop_if_requested(stage, bad_terms)
+        if at_log_step:
+            self._check_finite(bad_terms, stage)
+            if bar is not None:
+                bar.set_postfix({k: f"{float(v) / s.epoch_steps:.3f}" for k, v in s.epoch_sums.items()})
+        if runtime.checkpoint_interval and s.step_in_epoch % runtime.checkpoint_interval == 0:
+            self._check_finite(bad_terms, stage)
+            self.save()
+
+    def _end_epoch(self, stage: Stage, bad_terms: dict[str, Tensor], seconds: float) -> None:
+        """Checks before anything of this epoch is kept, then the record, evaluation, exports, checkpoint."""
+        s = self.state
+        epochs = self.stage_epochs(stage)
         self._check_finite(bad_terms, stage)
         self._check_teacher()
         self._check_replicas_agree()
         record: dict[str, Any] = {"stage": stage.name, "epoch": s.epoch, "step": s.global_step,
                                   "lr": self.optimizer.param_groups[0]["lr"]}
-        record.update({f"train/{k}": float(v) / max(s.epoch_steps, 1) for k, v in sums.items()})
-        record["epoch_time_s"] = time.perf_counter() - started
-        if stage is self.stages[-1] and (s.epoch % self.cfg.runtime.eval_every == 0 or s.epoch == epochs):
+        record.update({f"train/{k}": float(v) / max(s.epoch_steps, 1) for k, v in s.epoch_sums.items()})
+        record["epoch_time_s"] = seconds
+        final_stage = stage is self.stages[-1]
+        if final_stage and (s.epoch % self.cfg.runtime.eval_every == 0 or s.epoch == epochs):
             record.update(self._evaluate_all())
         s.epoch += 1
         s.step_in_epoch = 0
         s.epoch_sums, s.epoch_steps = {}, 0
         s.records.append(record)
         self.log.log(record, s.global_step)
-        improved = "top1" in record and record["top1"] > s.best_top1
-        if improved:
+        if "top1" in record and record["top1"] > s.best_top1:
             s.best_top1, s.best_epoch = record["top1"], record["epoch"]
             self.export("student_best.pt", record)
         self.save()
-        if stage is self.stages[-1] and s.epoch > epochs:
+        if final_stage and s.epoch > epochs:
             self.export("student_last.pt", record)
 
     def train_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        """One training step: the batch's cached teacher logits and memory format, then the update the
+        method or the optimiser calls for. Returns the step's named losses."""
         if self.parts.teacher_cache is not None:
-            batch.extras["teacher_logits"] = self.parts.teacher_cache.lookup(batch.index, batch.extras["view"])
+            batch.teacher_logits = self.parts.teacher_cache.lookup(batch.index, batch.crop)
         if self.cfg.runtime.channels_last:
             batch.image = batch.image.contiguous(memory_format=torch.channels_last)
         if self.distiller.performs_own_updates:
             with autocast(self.device, self.amp, self.amp_dtype):
                 _, losses = self.distiller.update_step(batch, progress, self._apply_update)
             return losses
-        splits = getattr(self.optimizer, "splits_losses", False)
-        distributed = self.parts.world_size > 1
-        # DOT backpropagates twice per forward; DDP would average only the first pass (see dot.py).
-        def sync_context() -> contextlib.AbstractContextManager:
-            return self.model.no_sync() if splits and distributed else contextlib.nullcontext()
-
-        with sync_context(), autocast(self.device, self.amp, self.amp_dtype):
+        if getattr(self.optimizer, "splits_losses", False):
+            return self._split_loss_step(batch, progress)
+        with autocast(self.device, self.amp, self.amp_dtype):
             _, losses = self.model(batch, progress)
-        if not losses:
-            raise UserInputError(f"{self.distiller.name} returned no losses in stage {progress.stage!r}")
-        if splits:
-            from kdzoo.engine.dot import dot_backward_step
-
-            task = sum(v for k, v in losses.items() if k == "loss_ce")
-            distill = sum(v for k, v in losses.items() if k != "loss_ce")
-            with sync_context():
-                dot_backward_step(self.optimizer, task, distill, self.scaler if self.scaler.is_enabled() else None,
-                                  sync_grads=self._average_grads if distributed else None)
-            return losses
+        self._require_losses(losses, progress)
         total = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
-        # Skipping needs the verdict before the update: one host read per step, by choice.
-        skip = self.cfg.runtime.nonfinite == "skip"
-        if skip and (not bool(torch.isfinite(total)) or not self._grads_finite()):
+        if self.cfg.runtime.nonfinite == "skip" and not self._update_allowed(total):
             return {k: v.detach() for k, v in losses.items() if torch.isfinite(v)}
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return losses
 
+    def _split_loss_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        """An optimiser that steps the task and the distillation gradients separately (DOT): the method's
+        ``task_losses`` against the rest. DOT back-propagates twice per forward and DDP would average only
+        the first pass, so under DDP the forward runs in ``no_sync`` and each gradient set is averaged here."""
+        distributed = self.parts.world_size > 1
+
+        def sync_context() -> contextlib.AbstractContextManager:
+            return self.model.no_sync() if distributed else contextlib.nullcontext()
+
+        with sync_context(), autocast(self.device, self.amp, self.amp_dtype):
+            _, losses = self.model(batch, progress)
+        self._require_losses(losses, progress)
+        task_names = self.distiller.task_losses
+        task = sum(v for k, v in losses.items() if k in task_names)
+        distill = sum(v for k, v in losses.items() if k not in task_names)
+        with sync_context():
+            dot_backward_step(self.optimizer, task, distill, self.scaler if self.scaler.is_enabled() else None,
+                              sync_grads=self._average_grads if distributed else None)
+        return losses
+
+    def _require_losses(self, losses: dict[str, Tensor], progress: Progress) -> None:
+        if not losses:
+            raise UserInputError(f"{self.distiller.name} returned no losses in stage {progress.stage!r}")
+
+    def _update_allowed(self, total: Tensor) -> bool:
+        """``runtime.nonfinite=skip``: whether this step's update may be applied (one host read per step, by
+        choice). With fp16's GradScaler an overflow of the scaled gradients is the scaler's to handle: its
+        ``step`` skips that update and ``update`` halves the scale, so here only a non-finite loss skips, and
+        the scaler still sees that step (its inf check and back-off). Without a scaler, a non-finite
+        gradient skips too."""
+        if not self.scaler.is_enabled():
+            return bool(torch.isfinite(total)) and self._grads_finite()
+        if bool(torch.isfinite(total)):
+            return True
+        self.scaler.unscale_(self.optimizer)  # records the inf check that update() reads
+        self.scaler.update()
+        return False
+
     def _optimized_params(self) -> list[nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _average_grads(self) -> None:
-        import torch.distributed as dist
-
         grads = [p.grad for p in self._optimized_params() if p.grad is not None]
         if grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -378,6 +423,10 @@ class Trainer:
     def _apply_update(self, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.parts.world_size > 1:
+            # update_step runs the networks outside DDP's forward, so DDP's reducer never averages these
+            # gradients: average them here, or the replicas drift apart.
+            self._average_grads()
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
@@ -408,9 +457,6 @@ class Trainer:
         names = list(self.distiller.self_synchronised_buffers)
         if not names:
             return
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
-
         for buffer in self._self_synchronised():
             dist.broadcast(buffer, src=0)
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.distiller, names)
@@ -421,8 +467,6 @@ class Trainer:
         all-reduce per epoch checks it."""
         if self.parts.world_size <= 1:
             return
-        import torch.distributed as dist
-
         tensors = [*self._optimized_params(), *self._self_synchronised()]
         print_ = torch.stack([t.detach().double().sum() for t in tensors])
         low, high = print_.clone(), print_.clone()
@@ -455,6 +499,4 @@ class Trainer:
     def _progress_bar(self, total: int, initial: int, desc: str) -> Any:
         if not (self.is_main and self.cfg.runtime.progress):
             return None
-        from tqdm.auto import tqdm
-
         return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)

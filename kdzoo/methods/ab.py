@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Distiller, Progress, Stage
+from kdzoo.methods.base import Distiller
+from kdzoo.types import INIT_STAGE, MAIN_STAGE, Batch, Progress, Stage
 from kdzoo.methods.fitnet import ConvReg
 from kdzoo.methods.losses import at_least_fp32, feature_body
 from kdzoo.methods.registry import register_method
@@ -59,6 +60,8 @@ def ab_loss_terms(student_preacts: Sequence[Tensor], teacher_preacts: Sequence[T
 @register_method("ab")
 class AB(Distiller):
     Config = ABConfig
+    declared_stages = (INIT_STAGE, MAIN_STAGE)
+    parameter_sets = ("student_body",)
     teacher_taps = ("preact",)
     student_taps = ("preact",)
 
@@ -73,15 +76,15 @@ class AB(Distiller):
 
     def stages(self) -> list[Stage]:
         cfg = self.cfg
-        init = Stage(name="init", epochs=cfg.init_epochs, trainable=("connectors", "student_body"), lr=cfg.init_lr,
+        init = Stage(name=INIT_STAGE, epochs=cfg.init_epochs, trainable=("connectors", "student_body"), lr=cfg.init_lr,
                      use_schedule=False)
-        main = Stage(name="main", trainable=("student",))  # RD: the connectors are not trained after init
+        main = Stage(name=MAIN_STAGE, trainable=("student",))  # RD: the connectors are not trained after init
         return [init, main] if cfg.init_epochs > 0 else [main]
 
     def compute_losses(self, student: Outputs, teacher: Outputs | None, batch: Batch,
                        progress: Progress) -> dict[str, Tensor]:
         cfg = self.cfg
-        if progress.stage == "init":
+        if progress.stage == INIT_STAGE:
             assert teacher is not None
             connected = [conv(f) for conv, f in zip(self.connectors, student.preact[1:])]
             return {"loss_ab": sum(ab_loss_terms(connected, teacher.preact[1:], cfg.margin))}
@@ -89,7 +92,7 @@ class AB(Distiller):
         return self.ce_and_kd(student.logits, teacher_logits, batch.target)
 
     def training_step(self, batch: Batch, progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
-        if progress.stage == "init" or self.cfg.kd_weight:
+        if progress.stage == INIT_STAGE or self.cfg.kd_weight:
             return super().training_step(batch, progress)
         # Main stage without KD: RD still runs the teacher, but nothing reads its outputs.
         student_out = self.student_extractor(batch.image)

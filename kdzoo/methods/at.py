@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.base import Distiller
+from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import at_least_fp32, autocast_off, pool_to_smaller
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs

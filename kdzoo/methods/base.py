@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -22,63 +21,8 @@ from torch import Tensor, nn
 from kdzoo.errors import UserInputError
 from kdzoo.methods.losses import ce_and_kd
 from kdzoo.models.taps import FeatureExtractor, Outputs, TapGroup, classifier_of, probe_shapes
-
-
-@dataclass
-class Progress:
-    """Where training is. ``epoch`` is 1-based (mdistiller's warm-up convention, methods.md §0.5)."""
-
-    epoch: int = 1
-    epochs: int = 240
-    step: int = 0  # global optimisation step, 0-based
-    stage: str = "main"
-
-
-@dataclass
-class Batch:
-    """One training batch. ``index`` = dataset indices of the samples (CRD's memory bank keys);
-    ``extras`` carries whatever else the data pipeline provides (e.g. cached teacher logits)."""
-
-    image: Tensor
-    target: Tensor
-    index: Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class DatasetInfo:
-    """What a method may need to know about the training set before training (CRD: N, labels)."""
-
-    num_samples: int
-    num_classes: int
-    targets: Tensor  # int64 [N], on CPU
-
-
-@dataclass
-class Stage:
-    """One training stage. AB/FT/FSP first train only some modules on the method loss (RepDistiller's
-    30-epoch init), then run the main stage. ``trainable`` names distiller attributes (``student``,
-    ``extra`` for all extra modules, or an attribute such as ``connectors``); ``epochs=None`` means the
-    schedule's epochs. ``lr`` overrides the optimiser's lr for the stage, ``schedule`` whether the main
-    lr schedule applies."""
-
-    name: str = "main"
-    epochs: int | None = None
-    trainable: tuple[str, ...] = ("student", "extra")
-    lr: float | None = None
-    use_schedule: bool = True
-
-
-@dataclass
-class StageOverride:
-    """``method.stages: [{name: init, epochs: 10, lr: 0.01}, ...]`` in a config: changes a stage the
-    method declares (which losses a stage computes stays the method's, keyed by the stage name)."""
-
-    name: str = "main"
-    epochs: int | None = None
-    trainable: list[str] | None = None
-    lr: float | None = None
-    use_schedule: bool | None = None
+from kdzoo.types import MAIN_STAGE, Batch, DatasetInfo, Progress, Stage, StageOverride
+from kdzoo.validation import merge_into_schema
 
 
 def find_classifier(model: nn.Module, purpose: str) -> nn.Module:
@@ -87,6 +31,10 @@ def find_classifier(model: nn.Module, purpose: str) -> nn.Module:
         return classifier_of(model)
     except Exception as exc:  # any failure to locate it means the method cannot run with this model
         raise UserInputError(f"{purpose}, but none was found on {type(model).__name__}: {exc}") from exc
+
+
+# CRD's negatives under the names mdistiller's and RepDistiller's training loops pass them.
+CONTRAST_INDEX_ALIASES = ("contrastive_index", "contrast_idx")
 
 
 class Distiller(nn.Module):
@@ -100,9 +48,7 @@ class Distiller(nn.Module):
     requires_teacher: ClassVar[bool] = True
     # OFD runs the teacher in train mode (batch statistics), as the official code does.
     teacher_train_mode: ClassVar[bool] = False
-    # CRD keys its memory banks by dataset index.
-    needs_sample_index: ClassVar[bool] = False
-    # SemCKD needs every batch to have the same size.
+    # SemCKD needs every batch to have the same size (its modules are sized by the batch: ``batch_size``).
     needs_fixed_batch_size: ClassVar[bool] = False
     # SimKD never uses the student's own head: DDP must be told some parameters get no gradient.
     leaves_parameters_unused: ClassVar[bool] = False
@@ -110,6 +56,16 @@ class Distiller(nn.Module):
     # all-gather): DDP does not re-broadcast them from rank 0 before every forward (51 MB a step for
     # CIFAR-100's banks); the trainer syncs them once at the start and checks them every epoch.
     self_synchronised_buffers: ClassVar[tuple[str, ...]] = ()
+    # The loss terms that are the task's own loss (the student's cross-entropy); every other term is
+    # distillation. DOT steps the two with different momenta (docs/methods/dot.md).
+    task_losses: ClassVar[tuple[str, ...]] = ("loss_ce",)
+    # Every stage name :meth:`stages` may return, in training order; ``method.stages`` overrides may name
+    # only these (checked when the config is read, before anything is built).
+    declared_stages: ClassVar[tuple[str, ...]] = (MAIN_STAGE,)
+    # Names a stage's ``trainable`` may use beyond ``student``, ``extra`` and the extra modules: module
+    # attributes that are not children (AB/FSP's ``student_body`` view) or sets the method computes
+    # (FitNet's ``hint_trunk``, resolved by its :meth:`parameter_set`).
+    parameter_sets: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -118,14 +74,19 @@ class Distiller(nn.Module):
         cfg: Any = None,
         *,
         input_shape: Sequence[int] = (3, 32, 32),
+        batch_size: int | None = None,
         **hparams: Any,
     ):
+        """``input_shape``: one sample's shape (the dry runs that size extra modules use it).
+        ``batch_size``: the per-process training batch, for methods whose modules are sized by it (SemCKD);
+        the trainer passes ``data.batch_size``."""
         super().__init__()
         if self.requires_teacher and teacher is None:
             raise UserInputError(f"method {self.name!r} needs a teacher; none was given")
         self.cfg = build_method_config(type(self), cfg, hparams)
         self.stage_overrides = stage_overrides(cfg, hparams)
         self.input_shape = tuple(input_shape)
+        self.batch_size = batch_size
         self.student = student
         self.teacher = teacher
         if teacher is not None:
@@ -134,6 +95,7 @@ class Distiller(nn.Module):
         self.student_extractor = FeatureExtractor(student, self.student_taps)
         self.teacher_extractor = FeatureExtractor(teacher, self.teacher_taps) if teacher is not None else None
         self.build()
+        self._training_stages = self._resolve_stages()
 
     # ---- hooks a method overrides -------------------------------------------------------------
     def build(self) -> None:
@@ -150,19 +112,35 @@ class Distiller(nn.Module):
         return [Stage()]
 
     def training_stages(self) -> list[Stage]:
-        """:meth:`stages` with the config's ``method.stages`` overrides applied (what the trainer runs)."""
+        """:meth:`stages` with the config's ``method.stages`` overrides applied: what the trainer runs."""
+        return list(self._training_stages)
+
+    def _resolve_stages(self) -> list[Stage]:
+        """Apply the overrides and check every stage now, at construction (before a run directory exists):
+        each stage is declared, each override names a stage the method runs, each ``trainable`` entry
+        names a parameter set, and every stage trains something."""
         stages = self.stages()
+        undeclared = [s.name for s in stages if s.name not in self.declared_stages]
+        if undeclared:
+            raise TypeError(f"{type(self).__name__}.stages() returns {undeclared}, missing from declared_stages")
         by_name = {s.name: s for s in stages}
         for override in self.stage_overrides:
             if override.name not in by_name:
                 raise UserInputError(
-                    f"method.stages names stage {override.name!r}, but {self.name} has the stages {list(by_name)}"
+                    f"method.stages names stage {override.name!r}, but {self.name} runs the stages {list(by_name)} "
+                    "with this config"
                 )
             changes = {k: v for k, v in dataclasses.asdict(override).items() if k != "name" and v is not None}
             if "trainable" in changes:
                 changes["trainable"] = tuple(changes["trainable"])
             by_name[override.name] = dataclasses.replace(by_name[override.name], **changes)
-        return [by_name[s.name] for s in stages]
+        resolved = [by_name[s.name] for s in stages]
+        for stage in resolved:
+            if stage.epochs is not None and stage.epochs < 1:
+                raise UserInputError(f"method.stages: stage {stage.name!r} of {self.name} needs epochs >= 1")
+            if not any(True for _ in self.trainable_parameters(stage)):
+                raise UserInputError(f"stage {stage.name!r} of {self.name} has no trainable parameters")
+        return resolved
 
     def bind_dataset(self, info: DatasetInfo) -> None:
         """Called once before training with facts about the training set (default: nothing)."""
@@ -217,17 +195,27 @@ class Distiller(nn.Module):
     def num_extra_parameters(self) -> int:
         return sum(p.numel() for p in self.extra_parameters())
 
+    def parameter_set_names(self) -> list[str]:
+        """What a stage's ``trainable`` may name: ``student``, ``extra`` and each extra module attribute
+        (methods with their own sets extend this, with :meth:`parameter_set`)."""
+        return ["student", "extra", *self.extra_modules(), *self.parameter_sets]
+
+    def parameter_set(self, name: str) -> list[nn.Parameter]:
+        """The parameters a stage's ``trainable`` entry ``name`` stands for."""
+        if name == "extra":
+            return self.extra_parameters()
+        module = getattr(self, name, None) if name in self.parameter_set_names() else None
+        if not isinstance(module, nn.Module):
+            raise UserInputError(
+                f"a stage of {self.name} trains {name!r}, which is not one of its parameter sets "
+                f"{self.parameter_set_names()}"
+            )
+        return list(module.parameters())
+
     def trainable_parameters(self, stage: Stage) -> Iterator[nn.Parameter]:
         seen: set[int] = set()
         for part in stage.trainable:
-            if part == "extra":
-                params: Sequence[nn.Parameter] = self.extra_parameters()
-            else:
-                module = getattr(self, part, None)
-                if not isinstance(module, nn.Module):
-                    raise UserInputError(f"stage {stage.name!r} trains {part!r}, which {self.name} does not have")
-                params = list(module.parameters())
-            for p in params:
+            for p in self.parameter_set(part):
                 if id(p) not in seen and p.requires_grad:
                     seen.add(id(p))
                     yield p
@@ -250,9 +238,8 @@ class Distiller(nn.Module):
     def teacher_forward(self, batch: Batch) -> Outputs | None:
         if self.teacher_extractor is None:
             return None
-        cached = batch.extras.get("teacher_logits")
-        if cached is not None and not self.uses_teacher_features:
-            return Outputs(logits=cached)
+        if batch.teacher_logits is not None and not self.uses_teacher_features:
+            return Outputs(logits=batch.teacher_logits)
         # no_grad, not inference_mode: the teacher's outputs enter the losses' autograd graphs, which may
         # save them for backward, and inference tensors cannot be saved (they would need a copy). The
         # forward itself costs the same either way (resnet32x4, batch 64, 2 CPU threads: 0.470 vs 0.471 s).
@@ -268,10 +255,20 @@ class Distiller(nn.Module):
     def forward_train(
         self, image: Tensor, target: Tensor, epoch: int = 1, **extras: Any
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """mdistiller's contract. ``index`` (and ``contrast_index``) may be passed in ``extras``."""
-        index = extras.pop("index", None)
-        progress = Progress(epoch=epoch, epochs=extras.pop("epochs", 240), stage=extras.pop("stage", "main"))
-        return self.training_step(Batch(image, target, index, extras), progress)
+        """mdistiller's contract. ``extras`` may hold ``index``, ``teacher_logits``, ``crop``, CRD's negatives as
+        ``contrast_index`` (or mdistiller's ``contrastive_index``, RepDistiller's ``contrast_idx``), and the
+        progress fields ``epochs`` and ``stage``."""
+        progress = Progress(epoch=epoch, epochs=extras.pop("epochs", 240), stage=extras.pop("stage", MAIN_STAGE))
+        for alias in CONTRAST_INDEX_ALIASES:
+            if alias in extras:
+                if "contrast_index" in extras:
+                    raise TypeError(f"forward_train got both contrast_index and {alias}")
+                extras["contrast_index"] = extras.pop(alias)
+        fields = [f.name for f in dataclasses.fields(Batch) if f.name not in ("image", "target")]
+        unknown = sorted(set(extras) - set(fields))
+        if unknown:
+            raise TypeError(f"forward_train got unexpected keywords {unknown}; a batch carries {fields}")
+        return self.training_step(Batch(image, target, **extras), progress)
 
     def forward_test(self, image: Tensor) -> Tensor:
         return self.export_student()(image)
@@ -303,8 +300,6 @@ class Distiller(nn.Module):
 def build_method_config(cls: type[Distiller], cfg: Any, hparams: dict[str, Any]) -> Any:
     """Typed method config: reference defaults, then ``cfg`` (dataclass / dict / DictConfig), then
     keyword overrides. Unknown keys and wrong types raise :class:`UserInputError` naming the key."""
-    from kdzoo.config.validate import merge_into_schema
-
     if not dataclasses.is_dataclass(cls.Config):
         return None
     overrides = method_values(cfg, hparams)
@@ -323,8 +318,6 @@ def method_values(cfg: Any, hparams: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_overrides(cfg: Any, hparams: dict[str, Any]) -> list[StageOverride]:
-    from kdzoo.config.validate import merge_into_schema
-
     raw = method_values(cfg, hparams).get("stages")
     if raw is None:
         return []

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Distiller, Progress, find_classifier
+from kdzoo.methods.base import Distiller, find_classifier
+from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import at_least_fp32, autocast_off
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs, features

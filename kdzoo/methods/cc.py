@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.base import Distiller
+from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import at_least_fp32, autocast_off
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from kdzoo import collectives
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, DatasetInfo, Distiller, Progress
+from kdzoo.methods.base import Distiller
+from kdzoo.types import Batch, DatasetInfo, Progress
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
 
@@ -191,7 +192,6 @@ class CRD(Distiller):
     Config = CRDConfig
     teacher_taps = ("pooled",)
     student_taps = ("pooled",)
-    needs_sample_index = True
     # The banks and Z stay equal across processes through the all-gather below; the sampler's tables are
     # built from the dataset labels, the same on every process.
     self_synchronised_buffers = ("memory_student", "memory_teacher", "normalizer", "sampler.class_order",
@@ -291,7 +291,7 @@ class CRD(Distiller):
         if batch.index is None:
             raise UserInputError("crd needs the dataset index of every sample (Batch.index)")
         index = batch.index.to(device=student.pooled.device, dtype=torch.long)
-        contrast_index = batch.extras.get("contrast_index")
+        contrast_index = batch.contrast_index
         if contrast_index is None:
             if not self.sampler.bound:
                 raise UserInputError("crd draws its negatives from the dataset labels: call bind_dataset() first")

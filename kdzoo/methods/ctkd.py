@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.base import Distiller
+from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import ce_and_kd, kd_loss
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs

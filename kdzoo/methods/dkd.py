@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.base import Distiller
+from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import cross_entropy, logsumexp_excluding, warmup_factor
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs

@@ -29,10 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.base import Distiller
 from kdzoo.methods.losses import cross_entropy, kd_loss
 from kdzoo.methods.registry import register_method
+from kdzoo.models.registry import create_model
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, Progress
 
 UPDATE_MODES = ("simultaneous", "alternating")
 
@@ -66,8 +68,6 @@ class DML(Distiller):
             setattr(self, f"peer{k}", peer)
 
     def _new_network(self, arch: str, num_classes: int) -> nn.Module:
-        from kdzoo.models import create_model
-
         if arch != "student":
             return create_model(arch, num_classes=num_classes)
         name = getattr(self.student, "kdzoo_name", None)

@@ -8,7 +8,7 @@ loss alone) is opt-in through ``hint_stage_epochs``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Distiller, Progress, Stage
+from kdzoo.methods.base import Distiller
 from kdzoo.methods.losses import at_least_fp32
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs, features
+from kdzoo.types import MAIN_STAGE, Batch, Progress, Stage
 
 
 @dataclass
@@ -62,9 +63,15 @@ class ConvReg(nn.Module):
         return F.relu(x) if self.use_relu else x
 
 
+HINT_STAGE = "hint"
+
+
 @register_method("fitnet")
 class FitNet(Distiller):
     Config = FitNetConfig
+    declared_stages = (HINT_STAGE, MAIN_STAGE)
+    # Paper stage 1 trains only the student layers the hint depends on (W_Guided) and the regressor.
+    parameter_sets = ("hint_trunk",)
     teacher_taps = ("feats",)
     student_taps = ("feats",)
 
@@ -82,16 +89,12 @@ class FitNet(Distiller):
         if self.cfg.hint_stage_epochs <= 0:
             return [Stage()]
         # Constant lr during hint training, as RepDistiller's own init phases (helper/pretrain.py).
-        hint = Stage("hint", epochs=self.cfg.hint_stage_epochs, trainable=("student", "regressor"), use_schedule=False)
+        hint = Stage(HINT_STAGE, epochs=self.cfg.hint_stage_epochs, trainable=("hint_trunk", "regressor"),
+                     use_schedule=False)
         return [hint, Stage()]
 
-    def trainable_parameters(self, stage: Stage) -> Iterator[nn.Parameter]:
-        if stage.name != "hint":
-            yield from super().trainable_parameters(stage)
-            return
-        # Paper stage 1 trains only the student layers the hint depends on (W_Guided) and the regressor.
-        yield from self.hint_trunk_parameters()
-        yield from (p for p in self.regressor.parameters() if p.requires_grad)
+    def parameter_set(self, name: str) -> list[nn.Parameter]:
+        return self.hint_trunk_parameters() if name == "hint_trunk" else super().parameter_set(name)
 
     def hint_trunk_parameters(self) -> list[nn.Parameter]:
         """Student parameters the hint map depends on, found from the autograd graph of one eval-mode
@@ -119,7 +122,7 @@ class FitNet(Distiller):
         assert teacher is not None
         cfg = self.cfg
         loss_hint = cfg.feat_weight * self.hint_loss(student, teacher)
-        if progress.stage == "hint":
+        if progress.stage == HINT_STAGE:
             return {"loss_fitnet": loss_hint}
         losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
         losses["loss_fitnet"] = loss_hint

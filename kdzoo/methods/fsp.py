@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Distiller, Progress, Stage
+from kdzoo.methods.base import Distiller
+from kdzoo.types import INIT_STAGE, MAIN_STAGE, Batch, Progress, Stage
 from kdzoo.methods.losses import at_least_fp32, autocast_off, feature_body, pool_to_smaller
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
@@ -53,6 +54,8 @@ def fsp_loss_terms(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tens
 @register_method("fsp")
 class FSP(Distiller):
     Config = FSPConfig
+    declared_stages = (INIT_STAGE, MAIN_STAGE)
+    parameter_sets = ("student_body",)
     teacher_taps = ("feats",)
     student_taps = ("feats",)
 
@@ -69,21 +72,21 @@ class FSP(Distiller):
 
     def stages(self) -> list[Stage]:
         cfg = self.cfg
-        init = Stage(name="init", epochs=cfg.init_epochs, trainable=("student_body",), lr=cfg.init_lr,
+        init = Stage(name=INIT_STAGE, epochs=cfg.init_epochs, trainable=("student_body",), lr=cfg.init_lr,
                      use_schedule=False)
-        main = Stage(name="main", trainable=("student",))
+        main = Stage(name=MAIN_STAGE, trainable=("student",))
         return [init, main] if cfg.init_epochs > 0 else [main]
 
     def compute_losses(self, student: Outputs, teacher: Outputs | None, batch: Batch,
                        progress: Progress) -> dict[str, Tensor]:
-        if progress.stage == "init":
+        if progress.stage == INIT_STAGE:
             assert teacher is not None
             return {"loss_fsp": sum(fsp_loss_terms(student.feats, teacher.feats))}
         teacher_logits = teacher.logits if teacher is not None else None
         return self.ce_and_kd(student.logits, teacher_logits, batch.target)
 
     def training_step(self, batch: Batch, progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
-        if progress.stage == "init" or self.cfg.kd_weight:
+        if progress.stage == INIT_STAGE or self.cfg.kd_weight:
             return super().training_step(batch, progress)
         # Main stage without KD: RD still runs the teacher, but nothing reads its outputs.
         student_out = self.student_extractor(batch.image)

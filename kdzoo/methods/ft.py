@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdzoo.methods.base import Batch, Distiller, Progress, Stage
+from kdzoo.methods.base import Distiller
+from kdzoo.types import INIT_STAGE, MAIN_STAGE, Batch, Progress, Stage
 from kdzoo.methods.losses import at_least_fp32, pool_to_smaller
 from kdzoo.methods.registry import register_method
 from kdzoo.models.cifar.resnet import CifarResNet
@@ -77,6 +78,7 @@ def factor_loss(student_factor: Tensor, teacher_factor: Tensor) -> Tensor:
 @register_method("ft")
 class FT(Distiller):
     Config = FTConfig
+    declared_stages = (INIT_STAGE, MAIN_STAGE)
     teacher_taps = ("feats",)
     student_taps = ("feats",)
 
@@ -91,8 +93,8 @@ class FT(Distiller):
         init_lr = cfg.init_lr
         if init_lr is None and isinstance(self.student, (CifarResNet, WideResNet)):
             init_lr = 0.01  # RD helper/pretrain.py: lr 0.01 for factor when the student is a resnet*/wrn_*
-        init = Stage(name="init", epochs=cfg.init_epochs, trainable=("paraphraser",), lr=init_lr, use_schedule=False)
-        main = Stage(name="main", trainable=("student", "translator"))  # RD never steps the paraphraser again
+        init = Stage(name=INIT_STAGE, epochs=cfg.init_epochs, trainable=("paraphraser",), lr=init_lr, use_schedule=False)
+        main = Stage(name=MAIN_STAGE, trainable=("student", "translator"))  # RD never steps the paraphraser again
         return [init, main] if cfg.init_epochs > 0 else [main]
 
     def compute_losses(self, student: Outputs, teacher: Outputs | None, batch: Batch,
@@ -100,7 +102,7 @@ class FT(Distiller):
         assert teacher is not None
         cfg = self.cfg
         teacher_map = teacher.feats[-1]
-        if progress.stage == "init":
+        if progress.stage == INIT_STAGE:
             reconstruction = self.paraphraser.decoder(self.paraphraser.encoder(teacher_map))
             return {"loss_ft_reconstruction": F.mse_loss(at_least_fp32(reconstruction), at_least_fp32(teacher_map))}
         losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
@@ -111,7 +113,7 @@ class FT(Distiller):
         return losses
 
     def training_step(self, batch: Batch, progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
-        if progress.stage != "init":
+        if progress.stage != INIT_STAGE:
             return super().training_step(batch, progress)
         # RD init(): the student runs in eval mode and takes no part in the loss; only its logits are returned.
         teacher_out = self.teacher_forward(batch)

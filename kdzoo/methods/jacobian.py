@@ -20,7 +20,8 @@ from torch import Tensor
 
 from kdzoo.errors import UserInputError
 from kdzoo.methods.at import at_stage_losses
-from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.base import Distiller
+from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import at_least_fp32
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.base import Distiller
+from kdzoo.types import Batch, Progress
 from kdzoo.methods.dkd import dkd_terms
 from kdzoo.methods.losses import at_least_fp32, cross_entropy, kd_loss, warmup_factor
 from kdzoo.methods.registry import register_method

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdzoo.models.taps import classifier_of
+
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """Hinton KD: T^2 * KL(p_t || p_s), summed over classes, averaged over the batch (methods.md §2)."""
@@ -93,6 +95,4 @@ def feature_body(model: torch.nn.Module) -> torch.nn.Module:
     """RepDistiller's ``get_feat_modules()`` as a parameter view: every parameter of ``model`` except its
     classifier's, for stages that train the feature extractor alone (AB and FSP init, methods.md §13/§15).
     Store it with ``object.__setattr__`` and name it in ``Stage.trainable``."""
-    from kdzoo.models.taps import classifier_of
-
     return _ParametersWithout(model, classifier_of(model))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from kdzoo.config.validate import suggest
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Distiller
+from kdzoo.validation import suggest
 
 METHODS: dict[str, type[Distiller]] = {}
 
@@ -28,9 +29,9 @@ def register_method(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
 
 
 def _ensure_loaded() -> None:
-    import kdzoo.methods as package
-
-    for info in pkgutil.iter_modules(package.__path__):
+    """Import every method module of this folder, which runs its ``@register_method`` (a new method is one
+    new file; nothing else lists it)."""
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if info.name not in ("base", "registry", "losses"):
             importlib.import_module(f"kdzoo.methods.{info.name}")
 

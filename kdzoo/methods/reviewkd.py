@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.base import Distiller
+from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import at_least_fp32, cross_entropy, warmup_factor
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import FeatureExtractor, Outputs

@@ -4,8 +4,9 @@
 
 Every student stage attends over every teacher stage. The attention logits come from per-stage MLP embeddings
 of the batch Gram matrix ``F F^T`` [B, B], so the MLPs' input width *is* the batch size: the reference builds
-them for ``--batch_size`` and skips smaller batches; here ``batch_size`` is a config field and the trainer must
-deliver exactly that many samples per step (``needs_fixed_batch_size``; under DDP, the per-device batch).
+them for ``--batch_size`` and skips smaller batches. Here the width is the distiller's ``batch_size`` (the trainer
+passes ``data.batch_size``, per process under DDP, so it is never stated twice) and the loader drops the last
+short batch (``needs_fixed_batch_size``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.base import Distiller
 from kdzoo.methods.losses import at_least_fp32, ce_and_kd
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, Progress
 
 
 @dataclass
@@ -30,7 +32,6 @@ class SemCKDConfig:
     kd_weight: float = 1.0  # SK -d 1
     temperature: float = 4.0  # SK --kd_T 4
     attention_temperature: float = 1.0  # SK train_student.py -s/--soft 1.0 (energy is divided by it)
-    batch_size: int = 64  # SK --batch_size 64: SelfA(opt.batch_size, ...) sizes the query/key MLP inputs
     embed_factor: int = 4  # SK SelfA(factor=4): MLP output width = batch_size // 4
 
 
@@ -79,12 +80,16 @@ class SemCKD(Distiller):
         cfg = self.cfg
         s_channels = [f.shape[1] for f in self.probe_student().feats[1:]]
         t_channels = [f.shape[1] for f in self.probe_teacher().feats[1:]]
-        embed_dim = cfg.batch_size // cfg.embed_factor
+        if self.batch_size is None:
+            raise UserInputError("semckd sizes its attention MLPs by the training batch: pass batch_size= (the "
+                                 "trainer passes data.batch_size; SimKD's recipe uses 64)")
+        embed_dim = self.batch_size // cfg.embed_factor
         if embed_dim < 1:
-            raise UserInputError(f"semckd: batch_size {cfg.batch_size} is smaller than embed_factor {cfg.embed_factor}")
+            raise UserInputError(f"semckd: data.batch_size {self.batch_size} is smaller than method.embed_factor "
+                                 f"{cfg.embed_factor}")
         # Registration order = SK SelfA's: queries, keys, then the (student i, teacher j) heads row by row.
-        self.queries = nn.ModuleList(GramEmbedding(cfg.batch_size, embed_dim) for _ in s_channels)
-        self.keys = nn.ModuleList(GramEmbedding(cfg.batch_size, embed_dim) for _ in t_channels)
+        self.queries = nn.ModuleList(GramEmbedding(self.batch_size, embed_dim) for _ in s_channels)
+        self.keys = nn.ModuleList(GramEmbedding(self.batch_size, embed_dim) for _ in t_channels)
         self.projections = nn.ModuleList(projection_head(c_s, c_t) for c_s in s_channels for c_t in t_channels)
 
     def attention(self, s_maps: list[Tensor], t_maps: list[Tensor]) -> Tensor:
@@ -102,10 +107,10 @@ class SemCKD(Distiller):
         cfg = self.cfg
         s_maps, t_maps = student.feats[1:], teacher.feats[1:]
         batch_size = s_maps[0].shape[0]
-        if batch_size != cfg.batch_size:
+        if batch_size != self.batch_size:
             raise UserInputError(
-                f"semckd's attention MLPs were built for batches of {cfg.batch_size} (method.batch_size) but got "
-                f"{batch_size}: set method.batch_size to the per-device batch size and drop the last short batch")
+                f"semckd's attention MLPs were built for batches of {self.batch_size} (data.batch_size) but got "
+                f"{batch_size}: every batch must have that size (the trainer drops the last short one)")
         losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
 
         attention = self.attention(s_maps, t_maps)

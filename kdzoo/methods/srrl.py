@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdzoo.methods.base import Batch, Distiller, Progress, find_classifier
+from kdzoo.methods.base import Distiller, find_classifier
+from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import at_least_fp32
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.base import Distiller
+from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import cross_entropy
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs

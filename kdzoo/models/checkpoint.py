@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from kdzoo.errors import CheckpointError
+from kdzoo.models.registry import MODELS, canonical_name, create_model
+from kdzoo.models.taps import get_tap_spec
 
 SIDES = ("student", "teacher")
 _SCALAR_META = (int, float, str, bool)
@@ -291,8 +293,6 @@ def _folder_hint(path: Path) -> str | None:
         candidate = folder[: folder.index("_vanilla")]
     if not candidate:
         return None
-    from kdzoo.models.registry import canonical_name
-
     try:
         return canonical_name(candidate)
     except ValueError:
@@ -306,8 +306,6 @@ _SIGNATURES: dict[tuple[str, ...], dict[str, _Signature]] = {}
 
 
 def _classifier_prefix(model: nn.Module, keys: list[str]) -> str:
-    from kdzoo.models.taps import get_tap_spec
-
     try:
         return get_tap_spec(model).classifier + "."
     except Exception:  # noqa: BLE001 - no spec: fall back to the last weight's module
@@ -323,9 +321,6 @@ def _signature_of(sd: Mapping[str, Tensor], cls_prefix: str) -> _Signature:
 
 def registered_signatures() -> dict[str, _Signature]:
     """Ordered (key, shape) signature of every registered model, built once on the meta device."""
-    from kdzoo.models.registry import MODELS, _ensure_loaded, create_model
-
-    _ensure_loaded()
     cache_key = tuple(MODELS)
     if cache_key not in _SIGNATURES:
         signatures: dict[str, _Signature] = {}

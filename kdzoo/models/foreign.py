@@ -10,7 +10,8 @@ The tap positions follow models.md §5.2 ("Foreign models"):
 * timm: post taps from ``model.feature_info`` (first entry = stem), pre taps for timm's ResNet family
   (= in(last block's ``act2``/``act3``)), pooled = input of ``get_classifier()``.
 
-Anything else needs its taps named in the config (:func:`tap_spec_from_config`). Both libraries use
+Anything else needs its taps named in the config (``teacher.taps`` / ``student.taps``, read by
+:func:`tap_spec_from_config`). Both libraries use
 in-place activations: a tap that reads the input of an in-place module is captured with
 ``transform="clone"`` (the module would overwrite it right after the pre-hook ran); the model itself
 is left untouched.
@@ -26,28 +27,18 @@ from typing import Any
 from torch import nn
 
 from kdzoo.errors import UserInputError
-from kdzoo.models.taps import Tap, TapSpec
+from kdzoo.models.taps import TAP_CONFIG_HINT, Tap, TapSpec, register_tap_resolver
 
 FOREIGN_PREFIXES = ("timm:", "torchvision:")
-
-_TAP_CONFIG_HINT = (
-    "name the taps in the config, e.g. model.taps: {stem: act1, stages: [layer1, layer2, layer3, layer4], "
-    "stages_pre: ['in:layer4.1.act2'], pooled: 'in:fc', classifier: fc} (module paths as in "
-    "model.named_modules(); 'in:' reads a module's input, a '#k' suffix its k-th call)"
-)
 
 
 # --------------------------------------------------------------------------------------------------- creation
 
 
 def create_foreign_model(name: str, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
-    """Build ``timm:<name>`` or ``torchvision:<name>`` with random weights (``pretrained``/``weights`` off).
-
-    ``taps=<dict>`` attaches a custom :class:`TapSpec` (see :func:`tap_spec_from_config`); every other
-    keyword goes to ``timm.create_model`` / ``torchvision.models.get_model``.
-    """
+    """Build ``timm:<name>`` or ``torchvision:<name>`` with random weights (``pretrained``/``weights`` off);
+    keywords go to ``timm.create_model`` / ``torchvision.models.get_model``."""
     prefix, _, arch = name.partition(":")
-    taps = kwargs.pop("taps", None)
     if not arch:
         raise UserInputError(f"model name {name!r} lacks the architecture after {prefix + ':'!r}")
     if prefix == "timm":
@@ -56,8 +47,6 @@ def create_foreign_model(name: str, num_classes: int = 1000, **kwargs: Any) -> n
         model = _create_torchvision(arch, num_classes, kwargs)
     else:
         raise UserInputError(f"unknown model prefix in {name!r}; expected one of {FOREIGN_PREFIXES}")
-    if taps is not None:
-        model.tap_spec = tap_spec_from_config(taps, model)  # type: ignore[assignment]
     model.kdzoo_name = name  # type: ignore[assignment]
     return model
 
@@ -91,15 +80,11 @@ def _create_torchvision(arch: str, num_classes: int, kwargs: dict[str, Any]) -> 
 # --------------------------------------------------------------------------------------------------- default taps
 
 
-def default_tap_spec(model: nn.Module) -> TapSpec:
-    """Taps of a torchvision / timm model, or a clear error telling the user to name them."""
+@register_tap_resolver
+def derive_tap_spec(model: nn.Module) -> TapSpec | None:
+    """Taps of a torchvision / timm model; ``None`` for a model of neither library (its taps must be named)."""
     spec = _torchvision_spec(model) or _timm_spec(model)
-    if spec is None:
-        raise UserInputError(
-            f"kdzoo cannot derive feature taps (stem, stages, pooled) for {type(model).__module__}."
-            f"{type(model).__name__}: {_TAP_CONFIG_HINT}"
-        )
-    return safe_inplace(spec, model)
+    return None if spec is None else safe_inplace(spec, model)
 
 
 def _torchvision_spec(model: nn.Module) -> TapSpec | None:
@@ -292,42 +277,46 @@ def parse_tap(value: str | Mapping[str, Any], where: str = "tap") -> Tap:
     return Tap(text, point=point, call=call)  # type: ignore[arg-type]
 
 
-def tap_spec_from_config(config: Mapping[str, Any], model: nn.Module | None = None) -> TapSpec:
-    """Build a :class:`TapSpec` from module paths: ``stem``, ``stages``, ``stages_pre``, ``pooled``, ``classifier``.
+def tap_spec_from_config(config: Mapping[str, Any], model: nn.Module | None = None, where: str = "taps") -> TapSpec:
+    """Build a :class:`TapSpec` from module paths: ``stem``, ``stages``, ``stages_pre``, ``pooled``, ``prepool``,
+    ``classifier``, ``bn_before_relu``, ``signed`` (the ``teacher.taps`` / ``student.taps`` config values).
 
-    ``pooled`` defaults to the classifier's input. With ``model`` the paths are checked and
-    in-place inputs are captured safely.
+    ``pooled`` defaults to the classifier's input. With ``model`` every path is checked against
+    ``model.named_modules()`` (a wrong one is named, with the closest existing paths) and in-place inputs
+    are captured safely. ``where`` prefixes the config path in error messages.
     """
-    allowed = {"stem", "stages", "stages_pre", "pooled", "classifier", "bn_before_relu", "signed"}
+    allowed = {"stem", "stages", "stages_pre", "pooled", "prepool", "classifier", "bn_before_relu", "signed"}
     unknown = set(config) - allowed
     if unknown:
-        raise UserInputError(f"taps: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        raise UserInputError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
     for key in ("stem", "stages", "classifier"):
         if key not in config:
-            raise UserInputError(f"taps.{key} is required ({_TAP_CONFIG_HINT})")
+            raise UserInputError(f"{where}.{key} is required ({TAP_CONFIG_HINT})")
     stages_cfg = config["stages"]
     if isinstance(stages_cfg, (str, Mapping)) or not stages_cfg:
-        raise UserInputError("taps.stages must be a non-empty list of taps")
-    stages = tuple(parse_tap(t, f"taps.stages[{i}]") for i, t in enumerate(stages_cfg))
+        raise UserInputError(f"{where}.stages must be a non-empty list of taps")
+    stages = tuple(parse_tap(t, f"{where}.stages[{i}]") for i, t in enumerate(stages_cfg))
     stages_pre = None
     if config.get("stages_pre") is not None:
         pre_cfg = config["stages_pre"]
         if isinstance(pre_cfg, (str, Mapping)) or len(pre_cfg) != len(stages):
-            raise UserInputError(f"taps.stages_pre must list one tap per stage ({len(stages)})")
-        stages_pre = tuple(parse_tap(t, f"taps.stages_pre[{i}]") for i, t in enumerate(pre_cfg))
+            raise UserInputError(f"{where}.stages_pre must list one tap per stage ({len(stages)})")
+        stages_pre = tuple(parse_tap(t, f"{where}.stages_pre[{i}]") for i, t in enumerate(pre_cfg))
     classifier = config["classifier"]
     if not isinstance(classifier, str):
-        raise UserInputError(f"taps.classifier must be a module path, got {classifier!r}")
-    pooled = parse_tap(config["pooled"], "taps.pooled") if config.get("pooled") else Tap(classifier, point="input")
+        raise UserInputError(f"{where}.classifier must be a module path, got {classifier!r}")
+    pooled = parse_tap(config["pooled"], f"{where}.pooled") if config.get("pooled") else Tap(classifier, point="input")
+    prepool = parse_tap(config["prepool"], f"{where}.prepool") if config.get("prepool") else None
     bns = config.get("bn_before_relu")
     spec = TapSpec(
-        stem=parse_tap(config["stem"], "taps.stem"),
+        stem=parse_tap(config["stem"], f"{where}.stem"),
         stages=stages,
         stages_pre=stages_pre,
         pooled=pooled,
         classifier=classifier,
         bn_before_relu=None if bns is None else tuple(str(b) for b in bns),
         signed=bool(config.get("signed", False)),
+        prepool=prepool,
     )
     if model is None:
         return spec
@@ -336,9 +325,10 @@ def tap_spec_from_config(config: Mapping[str, Any], model: nn.Module | None = No
     named += [(f"stages[{i}]", t.module) for i, t in enumerate(spec.stages)]
     named += [(f"stages_pre[{i}]", t.module) for i, t in enumerate(spec.stages_pre or ())]
     named += [(f"bn_before_relu[{i}]", b) for i, b in enumerate(spec.bn_before_relu or ())]
-    for where, path in named:
+    named += [("prepool", spec.prepool.module)] if spec.prepool is not None else []
+    for key, path in named:
         if path not in modules:
             close = difflib.get_close_matches(path, list(modules), n=3, cutoff=0.6)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise UserInputError(f"taps.{where}: {type(model).__name__} has no module {path!r}.{hint}")
+            raise UserInputError(f"{where}.{key}: {type(model).__name__} has no module {path!r}.{hint}")
     return safe_inplace(spec, model)

@@ -1,14 +1,19 @@
-"""Model registry: ``name -> constructor``; ``timm:<name>`` / ``torchvision:<name>`` resolve there."""
+"""Model registry: ``name -> constructor``; ``timm:<name>`` / ``torchvision:<name>`` resolve there.
+
+The zoo modules register themselves when imported; the package face (``kdzoo/models/__init__.py``) imports
+them all, and Python runs it before any of its submodules is used, so the registry is always complete."""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from kdzoo.errors import UserInputError
+from kdzoo.models.foreign import FOREIGN_PREFIXES, create_foreign_model, tap_spec_from_config
 
 
 @dataclass(frozen=True)
@@ -42,15 +47,8 @@ def register_model(
     return wrap
 
 
-def _ensure_loaded() -> None:
-    # Importing the zoo packages runs their @register_model decorators.
-    import kdzoo.models.cifar  # noqa: F401
-    import kdzoo.models.imagenet  # noqa: F401
-
-
 def canonical_name(name: str) -> str:
-    _ensure_loaded()
-    if name.startswith(("timm:", "torchvision:")):
+    if name.startswith(FOREIGN_PREFIXES):
         return name
     if name in MODELS:
         return name
@@ -72,20 +70,25 @@ def model_entry(name: str) -> ModelEntry | None:
     return MODELS.get(name)
 
 
-def create_model(name: str, num_classes: int = 100, **kwargs: object) -> nn.Module:
-    """Build a registered model (or ``timm:``/``torchvision:`` one) returning logits from ``forward``."""
-    name = canonical_name(name)
-    if name.startswith(("timm:", "torchvision:")):
-        from kdzoo.models.foreign import create_foreign_model
+def create_model(name: str, num_classes: int = 100, *, taps: dict[str, Any] | None = None,
+                 taps_where: str = "taps", **kwargs: Any) -> nn.Module:
+    """Build a registered model (or ``timm:``/``torchvision:`` one) returning logits from ``forward``.
 
-        return create_foreign_model(name, num_classes=num_classes, **kwargs)
-    model = MODELS[name].constructor(num_classes=num_classes, **kwargs)
-    model.kdzoo_name = name  # type: ignore[assignment]  # lets checkpoints record the architecture
+    ``taps``: module paths of the tap groups (the ``teacher.taps`` / ``student.taps`` config mapping, see
+    :func:`kdzoo.models.foreign.tap_spec_from_config`), replacing the family's own; ``taps_where`` is the
+    config path errors name. Other keywords go to the constructor."""
+    name = canonical_name(name)
+    if name.startswith(FOREIGN_PREFIXES):
+        model = create_foreign_model(name, num_classes=num_classes, **kwargs)
+    else:
+        model = MODELS[name].constructor(num_classes=num_classes, **kwargs)
+        model.kdzoo_name = name  # type: ignore[assignment]  # lets checkpoints record the architecture
+    if taps is not None:
+        model.tap_spec = tap_spec_from_config(taps, model, where=taps_where)  # type: ignore[assignment]
     return model
 
 
 def list_models(family: str | None = None) -> list[ModelEntry]:
-    _ensure_loaded()
     return [e for e in MODELS.values() if family is None or e.family == family]
 
 

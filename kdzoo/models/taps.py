@@ -12,12 +12,14 @@ statistics a second time, the mdistiller WRN bug).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from kdzoo.errors import UserInputError
 
 TapGroup = Literal["feats", "preact", "pooled", "prepool"]
 ALL_GROUPS: tuple[TapGroup, ...] = ("feats", "preact", "pooled", "prepool")
@@ -96,10 +98,6 @@ class Outputs:
         assert self.pooled is not None, "pooled tap was not requested"
         return [*self.feats, self.pooled]
 
-    def mdistiller_dict(self) -> dict[str, object]:
-        """mdistiller's feature dict, for porting its distillers unchanged."""
-        return {"feats": self.feats, "preact_feats": self.preact, "pooled_feat": self.pooled}
-
     def detach(self) -> Outputs:
         return Outputs(
             logits=self.logits.detach(),
@@ -110,14 +108,38 @@ class Outputs:
         )
 
 
+TAP_CONFIG_HINT = (
+    "name the taps in the config, e.g. teacher.taps (or student.taps): {stem: act1, stages: [layer1, layer2, "
+    "layer3, layer4], stages_pre: ['in:layer4.1.act2'], pooled: 'in:fc', classifier: fc} (module paths as in "
+    "model.named_modules(); 'in:' reads a module's input, a '#k' suffix its k-th call; docs/models.md, Taps)"
+)
+
+TapSpecResolver = Callable[[nn.Module], "TapSpec | None"]
+_RESOLVERS: list[TapSpecResolver] = []
+
+
+def register_tap_resolver(resolver: TapSpecResolver) -> TapSpecResolver:
+    """Teach :func:`get_tap_spec` how to find the taps of models that do not declare a ``tap_spec``: the
+    resolver returns a spec for the models it knows (the timm / torchvision adapter registers one) and
+    ``None`` for the others."""
+    _RESOLVERS.append(resolver)
+    return resolver
+
+
 def get_tap_spec(model: nn.Module) -> TapSpec:
-    """The model's own spec, or a default derived for torchvision / timm models."""
+    """The model's own ``tap_spec`` (declared by its family or named in the config), else the first spec a
+    registered resolver derives, else a :class:`UserInputError` saying how to name the taps."""
     spec = getattr(model, "tap_spec", None)
     if isinstance(spec, TapSpec):
         return spec
-    from kdzoo.models.foreign import default_tap_spec
-
-    return default_tap_spec(model)
+    for resolver in _RESOLVERS:
+        spec = resolver(model)
+        if spec is not None:
+            return spec
+    raise UserInputError(
+        f"kdzoo cannot derive feature taps (stem, stages, pooled) for {type(model).__module__}."
+        f"{type(model).__name__}: {TAP_CONFIG_HINT}"
+    )
 
 
 def _apply(tap: Tap, value: object) -> Tensor:

@@ -72,7 +72,7 @@ def test_batched_crop_flip_equals_torchvision_per_image():
         expected = TF.normalize(expected.float() / 255, CIFAR100_MEAN, CIFAR100_STD)
         assert torch.equal(batch.image[row], expected), row
         assert int(batch.target[row]) == i and int(batch.index[row]) == i
-    assert batch.extras["view"][:, 2].tolist() == plan.flip[:8].long().tolist()
+    assert batch.crop[:, 2].tolist() == plan.flip[:8].long().tolist()
 
 
 def test_plan_is_a_function_of_seed_and_epoch_and_resume_matches():

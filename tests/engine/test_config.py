@@ -66,7 +66,7 @@ def test_method_stages_are_configurable():
     assert [s.name for s in stages] == ["init", "main"]
     assert (stages[0].epochs, stages[0].lr) == (3, 0.02) and declared["init"].epochs == 30  # RD: 30 epochs
     assert stages[0].trainable == declared["init"].trainable and stages[1] == declared["main"]
-    with pytest.raises(UserInputError, match=r"names stage 'warmup', but ab has the stages \['init', 'main'\]"):
+    with pytest.raises(UserInputError, match=r"names stage 'warmup', but ab runs the stages \['init', 'main'\]"):
         kdzoo.create_distiller("ab", teacher=teacher, student=student, stages=[{"name": "warmup"}]).training_stages()
     with pytest.raises(UserInputError, match=r"unknown config key 'method.stages\[0\].epoch'"):
         load_config(recipe, ["method.stages=[{name: init, epoch: 3}]"])

@@ -16,12 +16,15 @@ from tests.conftest import REPO_ROOT
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("optim", "method"), [("sgd", "{name: kd}"), ("dot", "{name: kd}"),
-                                               ("sgd", "{name: crd, nce_k: 32}")])
+                                               ("sgd", "{name: crd, nce_k: 32}"),
+                                               ("sgd", "{name: dml, update: alternating}")])
 def test_torchrun_two_processes_gloo(tmp_path, optim, method):
     """The trainer checks every epoch that both replicas hold identical weights; DOT's two backward
     passes per forward are averaged across processes by hand (dot.py), and CRD gathers every process's
     embeddings into its memory banks inside the forward (collectives.py) and keeps them out of DDP's
-    per-step broadcast: the epoch check also compares the banks across processes."""
+    per-step broadcast: the epoch check also compares the banks across processes. DML's alternating updates
+    run outside DDP's forward, so the trainer averages their gradients itself (without it the epoch check
+    stops the run: "DDP replicas diverged")."""
     teacher = tmp_path / "teacher.pth"
     torch.save({"model": kdzoo.create_model("resnet8", num_classes=10).state_dict()}, teacher)
     config = tmp_path / "ddp.yaml"

@@ -8,7 +8,7 @@ import torch
 
 import kdzoo
 from kdzoo.engine.runtime import autocast
-from kdzoo.methods.base import Batch, Progress
+from kdzoo.types import Batch, Progress
 from kdzoo.models.taps import compile_model
 from tests.methods.golden_step import build_pair
 
@@ -28,7 +28,7 @@ def _losses(common, method, *, channels_last=False, amp=False, compiled=None):
     if compiled:
         for extractor in (distiller.student_extractor, distiller.teacher_extractor):
             extractor.model = compile_model(extractor.model, backend=compiled)
-    batch = Batch(images, common["labels"], torch.arange(16), {"contrast_index": torch.randint(0, 100, (16, 4097))})
+    batch = Batch(images, common["labels"], torch.arange(16), contrast_index=torch.randint(0, 100, (16, 4097)))
     with autocast(torch.device("cpu"), amp, torch.bfloat16):
         _, losses = distiller.training_step(batch, Progress(epoch=30))
     total = sum(losses.values())

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import kdzoo
-from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.base import Distiller
+from kdzoo.types import Batch, Progress
 
 LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-5
 STUDENT_GRAD_REL = 1e-4
@@ -42,11 +43,11 @@ def load_extra_by_order(module: nn.Module, ref: Mapping[str, Any], params: list[
 
 
 def run_step(distiller: Distiller, common: Mapping[str, Any], *, epoch: int = 240,
-             extras: dict[str, Any] | None = None, index: torch.Tensor | None = None
+             contrast_index: torch.Tensor | None = None, index: torch.Tensor | None = None
              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     distiller.train()
     distiller.zero_grad(set_to_none=True)
-    batch = Batch(common["images"], common["labels"], index, extras or {})
+    batch = Batch(common["images"], common["labels"], index, contrast_index=contrast_index)
     _, losses = distiller.training_step(batch, Progress(epoch=epoch, epochs=240))
     total = sum(losses.values())
     total.backward()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import kdzoo
 from kdzoo.methods.at import at_stage_losses
-from kdzoo.methods.base import Batch
+from kdzoo.types import Batch
 from tests.methods.golden_step import assert_loss, assert_student_grads, build_pair, run_step
 
 

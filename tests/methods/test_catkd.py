@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import kdzoo
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Progress
+from kdzoo.types import Batch, Progress
 from kdzoo.methods.catkd import linear_classifier
 
 

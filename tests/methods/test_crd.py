@@ -11,7 +11,7 @@ import torch
 
 import kdzoo
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, DatasetInfo, Progress
+from kdzoo.types import Batch, DatasetInfo, Progress
 from kdzoo.methods.crd import ContrastSampler, first_distinct
 from tests.methods.golden_step import assert_extra_grads, assert_loss, assert_student_grads, build_pair, run_step
 
@@ -58,7 +58,7 @@ def crd_calls(golden_common, crd_ref):
     results = []
     for call in range(3):
         losses, total = run_step(distiller, golden_common, index=crd["index"],
-                                 extras={"contrast_index": crd["contrast_idx"]})
+                                 contrast_index=crd["contrast_idx"])
         snapshot = {
             "losses": {k: v.detach() for k, v in losses.items()},
             "total": total.detach(),
@@ -264,7 +264,6 @@ def test_crd_defaults_and_memory_init():
     cfg = distiller.cfg
     assert (cfg.ce_weight, cfg.kd_weight, cfg.feat_weight, cfg.feat_dim) == (1.0, 0.0, 0.8, 128)
     assert (cfg.nce_k, cfg.nce_t, cfg.nce_momentum, cfg.mode) == (16384, 0.07, 0.5, "exact")
-    assert type(distiller).needs_sample_index
     assert distiller.num_extra_parameters() == 65_792  # golden README: 4 parameters, 65,792 values
     assert torch.equal(distiller.normalizer, torch.tensor([-1.0, -1.0]))
     bound = 1 / math.sqrt(128 / 3)

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import kdzoo
-from kdzoo.methods.base import DatasetInfo
+from kdzoo.types import DatasetInfo
 
 NUM_DATA, K, BATCH = 96, 24, 8
 

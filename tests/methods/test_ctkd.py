@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kdzoo
-from kdzoo.methods.base import Batch, Progress
+from kdzoo.types import Batch, Progress
 from kdzoo.methods.ctkd import cosine_grl_scale
 from kdzoo.models.taps import Outputs
 from tests.methods.test_dist import HETEROGENEOUS_PAIRS, STUDENT_LOGITS, TARGETS, TEACHER_LOGITS, train_one_step

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import kdzoo
-from kdzoo.methods.base import Batch, Distiller, Progress
+from kdzoo.methods.base import Distiller
+from kdzoo.types import Batch, Progress
 from kdzoo.methods.dist import dist_terms
 from kdzoo.models.taps import Outputs
 

@@ -8,7 +8,7 @@ import torch
 
 import kdzoo
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Progress, Stage
+from kdzoo.types import Batch, Progress, Stage
 from kdzoo.methods.fitnet import ConvReg
 from tests.methods.golden_step import (
     assert_extra_grads,

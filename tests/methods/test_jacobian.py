@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import kdzoo
-from kdzoo.methods.base import Batch, Progress
+from kdzoo.types import Batch, Progress
 from kdzoo.models.taps import Tap, TapSpec
 from tests.methods.test_dist import HETEROGENEOUS_PAIRS, train_one_step
 

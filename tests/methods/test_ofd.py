@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kdzoo
-from kdzoo.methods.base import Batch, Progress
+from kdzoo.types import Batch, Progress
 from kdzoo.methods.ofd import margin_from_bn, partial_l2
 from tests.methods.golden_step import (
     assert_extra_grads,

@@ -12,7 +12,8 @@ import torch
 import kdzoo
 from kdzoo.config.loader import load_config
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Progress, build_method_config
+from kdzoo.methods.base import build_method_config
+from kdzoo.types import Batch, Progress
 from kdzoo.methods.registry import method_class
 
 PAIRS = [("vgg13", "vgg8"), ("wrn_40_2", "wrn_16_2"), ("resnet32x4", "ShuffleV2")]

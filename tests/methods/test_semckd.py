@@ -10,7 +10,7 @@ import torch
 
 import kdzoo
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Progress
+from kdzoo.types import Batch, Progress
 from tests.methods.golden_step import (
     assert_extra_grads,
     assert_loss,
@@ -91,10 +91,12 @@ def test_semckd_attention_runs_in_fp32_under_autocast():
 
 def test_semckd_defaults():
     teacher, student = kdzoo.create_model("resnet32x4"), kdzoo.create_model("resnet8x4")
-    distiller = kdzoo.create_distiller("semckd", teacher=teacher, student=student)
+    with pytest.raises(UserInputError, match="pass batch_size"):
+        kdzoo.create_distiller("semckd", teacher=teacher, student=student)
+    distiller = kdzoo.create_distiller("semckd", teacher=teacher, student=student, batch_size=64)  # SimKD recipe
     cfg = distiller.cfg
     assert (cfg.semckd_weight, cfg.ce_weight, cfg.kd_weight, cfg.temperature) == (400.0, 1.0, 1.0, 4.0)
-    assert (cfg.attention_temperature, cfg.batch_size, cfg.embed_factor) == (1.0, 64, 4)
+    assert (cfg.attention_temperature, cfg.embed_factor) == (1.0, 4)
     assert distiller.queries[0].linear1.in_features == 64 and distiller.queries[0].linear2.out_features == 16
     assert len(distiller.projections) == 9
     assert distiller.export_student() is student

@@ -9,7 +9,7 @@ from torch import nn
 
 import kdzoo
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Progress
+from kdzoo.types import Batch, Progress
 from kdzoo.methods.simkd import SimKDStudent
 from kdzoo.models.taps import Tap, TapSpec, get_tap_spec
 from tests.methods.golden_step import (

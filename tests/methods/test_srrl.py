@@ -7,7 +7,7 @@ import torch
 
 import kdzoo
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Batch, Progress
+from kdzoo.types import Batch, Progress
 from kdzoo.models.taps import Tap, TapSpec, get_tap_spec
 from tests.methods.golden_step import (
     assert_extra_grads,

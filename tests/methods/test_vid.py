@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import kdzoo
-from kdzoo.methods.base import Batch, Progress, Stage
+from kdzoo.types import Batch, Progress, Stage
 from kdzoo.methods.vid import VIDStage
 from tests.methods.golden_step import assert_extra_grads, assert_loss, assert_student_grads, build_pair, run_step
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kdzoo
-from kdzoo.methods.base import Batch, DatasetInfo, Progress
+from kdzoo.types import Batch, DatasetInfo, Progress
 
 TEACHERS = ["timm:resnet18", "torchvision:resnet18"]
 METHODS = ["kd", "dkd", "fitnet", "at", "crd", "rkd", "simkd", "reviewkd", "vid"]

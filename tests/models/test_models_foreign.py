@@ -9,7 +9,7 @@ from torch import nn
 
 from kdzoo.errors import UserInputError
 from kdzoo.models import FeatureExtractor, count_parameters, create_model, features
-from kdzoo.models.foreign import default_tap_spec, parse_tap, tap_spec_from_config
+from kdzoo.models.foreign import parse_tap, tap_spec_from_config
 from kdzoo.models.taps import ALL_GROUPS, Tap, bn_before_relu, classifier_of, get_tap_spec
 
 # models.md §2.1, 1000 classes
@@ -187,8 +187,8 @@ class _Tiny(nn.Module):
 
 def test_generic_model_needs_named_taps() -> None:
     model = _Tiny()
-    with pytest.raises(UserInputError, match="name the taps in the config"):
-        default_tap_spec(model)
+    with pytest.raises(UserInputError, match="name the taps in the config, e.g. teacher.taps"):
+        get_tap_spec(model)
     with pytest.raises(UserInputError, match="name the taps"):
         FeatureExtractor(model, ("feats",))
     FeatureExtractor(model, ())  # no taps requested: nothing to derive, no error

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kdzoo.models.foreign import default_tap_spec
+from kdzoo.models.foreign import derive_tap_spec
 from kdzoo.models.registry import register_model
 
 _TORCHVISION = {
@@ -27,7 +27,7 @@ def _register(name: str, arch: str) -> None:
         import torchvision
 
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-        model.tap_spec = default_tap_spec(model)  # type: ignore[assignment]
+        model.tap_spec = derive_tap_spec(model)  # type: ignore[assignment]
         return model
 
 

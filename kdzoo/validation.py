@@ -1,5 +1,8 @@
 """Validation of user-supplied values against typed schemas (OmegaConf structured configs).
 
+Below every package that reads user input (config, methods, data, models): it imports only
+OmegaConf and :mod:`kdzoo.errors`.
+
 OmegaConf already rejects unknown keys and wrong types; this module runs the key check first so the
 message names the full dotted path and suggests the closest valid key, and turns every OmegaConf
 error into :class:`UserInputError` (exit code 2 in the CLI).
