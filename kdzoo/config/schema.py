@@ -21,7 +21,7 @@ class DataConfig:
     dataset: str = "cifar100"
     root: str = "data"  # e.g. ../shared/data on the development machines
     download: bool = False
-    batch_size: int = 64  # RD/MD/SK CIFAR recipe
+    batch_size: int = 64  # RepDistiller/mdistiller/SimKD CIFAR recipe
     test_batch_size: int = 256
     num_workers: int = 2  # used by file-based datasets; in-memory ones need none
     # Quick runs: N training / test samples. CIFAR/MNIST: the first N (the train files are shuffled once,

@@ -23,7 +23,7 @@ from kdzoo.errors import UserInputError
 from kdzoo.types import Batch
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-TINY_IMAGENET_MEAN, TINY_IMAGENET_STD = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)  # methods.md §0.3
+TINY_IMAGENET_MEAN, TINY_IMAGENET_STD = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)  # docs/config.md
 
 
 def scan_class_folders(split_dir: Path) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -120,7 +120,7 @@ class FolderLoader:
 
 def imagenet_transforms(size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
                         std: Sequence[float] = IMAGENET_STD) -> tuple[Callable, Callable]:
-    """MD/TD ImageNet recipe: RandomResizedCrop + flip; test Resize(256) + CenterCrop(224)."""
+    """mdistiller/torchdistill ImageNet recipe: RandomResizedCrop + flip; test Resize(256) + CenterCrop(224)."""
     norm = [T.ToTensor(), T.Normalize(mean, std)]
     train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
     test = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), *norm])
@@ -129,6 +129,6 @@ def imagenet_transforms(size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
 
 def tiny_imagenet_transforms(mean: Sequence[float] = TINY_IMAGENET_MEAN,
                              std: Sequence[float] = TINY_IMAGENET_STD) -> tuple[Callable, Callable]:
-    """MD Tiny-ImageNet recipe (methods.md §0.3): RandomRotation(20) + flip at 64x64."""
+    """mdistiller Tiny-ImageNet recipe (docs/config.md): RandomRotation(20) + flip at 64x64."""
     norm = [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose([T.RandomRotation(20), T.RandomHorizontalFlip(), *norm]), T.Compose(norm)

@@ -1,5 +1,5 @@
 """DOT — Zhao, Cui, Song, Liang, "DOT: A Distillation-Oriented Trainer", ICCV 2023, arXiv 2307.08436
-(methods.md §19). Reference: mdistiller ``mdistiller/engine/dot.py`` (``DistillationOrientedTrainer``) and the
+(docs/methods/dot.md). Reference: mdistiller ``mdistiller/engine/dot.py`` (``DistillationOrientedTrainer``) and the
 ``DOT`` trainer's ``train_iter`` in ``mdistiller/engine/trainer.py``.
 
 SGD with two momentum buffers per parameter: ``momentum_buffer`` for the task (cross-entropy) gradient with
@@ -30,8 +30,8 @@ class DistillationOrientedSGD(torch.optim.Optimizer):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float,
-        momentum: float = 0.9,  # MD cfg.py SOLVER.MOMENTUM 0.9 (the base momentum mu)
-        delta: float = 0.075,  # MD cfg.py SOLVER.DOT.DELTA 0.075 (CIFAR-100, Tiny-ImageNet; ImageNet 0.09)
+        momentum: float = 0.9,  # mdistiller cfg.py SOLVER.MOMENTUM 0.9 (the base momentum mu)
+        delta: float = 0.075,  # mdistiller cfg.py SOLVER.DOT.DELTA 0.075 (CIFAR-100, Tiny-ImageNet; ImageNet 0.09)
         weight_decay: float = 0.0,
     ):
         if lr < 0.0:
@@ -86,9 +86,9 @@ class DistillationOrientedSGD(torch.optim.Optimizer):
 
 def _dot_update(group: dict[str, Any], state: dict[Tensor, dict[str, Any]], distill_grads: dict[int, Tensor]) -> None:
     """One parameter group's update, in the reference's order: every task update first, then every
-    distillation update (methods.md §19 rules 1 and 2)."""
+    distillation update (docs/methods/dot.md rules 1 and 2)."""
     lr, weight_decay = group["lr"], group["weight_decay"]
-    # Same expressions as MD trainer.py / dot.py, so the momenta are bit-identical to the reference's.
+    # Same expressions as mdistiller trainer.py / dot.py, so the momenta are bit-identical to the reference's.
     momentum_task = group["momentum"] - group["delta"]
     momentum_kd = group["momentum"] + group["delta"]
     momentum_mean = (momentum_kd + momentum_task) / 2.0
@@ -172,7 +172,7 @@ def dot_backward_step(
     grad_scaler: torch.amp.GradScaler | None = None,
     sync_grads: Callable[[], None] | None = None,
 ) -> bool:
-    """Everything after the forward of one DOT iteration (MD ``DOT.train_iter``): zero the gradients, backward
+    """Everything after the forward of one DOT iteration (mdistiller ``DOT.train_iter``): zero the gradients, backward
     of the distillation loss keeping the graph, record its gradients, zero, backward of the task loss, update.
 
     With an enabled ``grad_scaler`` both losses are scaled, both gradient sets are unscaled, the update is

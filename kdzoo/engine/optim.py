@@ -25,7 +25,7 @@ def build_optimizer(
 
 def multistep_lr(base_lr: float, epoch: int, schedule: ScheduleConfig) -> float:
     """RepDistiller's ``adjust_learning_rate``: with 1-based epoch e, lr = base * gamma^#{m < e}, so the
-    first decay of milestones 150/180/210 applies from epoch 151 (methods.md §0.3)."""
+    first decay of milestones 150/180/210 applies from epoch 151 (docs/config.md)."""
     decays = sum(epoch > m for m in schedule.milestones)
     return base_lr * schedule.gamma**decays
 

@@ -1,5 +1,5 @@
 """AB — Heo et al., "Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden Neurons",
-AAAI 2019, arXiv 1811.03233 (methods.md §13). Reference: RepDistiller ``distiller_zoo/AB.py ABLoss``,
+AAAI 2019, arXiv 1811.03233 (docs/methods/ab.md). Reference: RepDistiller ``distiller_zoo/AB.py ABLoss``,
 ``models/util.py Connector`` and ``helper/pretrain.py init``.
 
 Two stages, as RepDistiller runs them: an init stage (30 epochs, constant base lr) trains the connectors and
@@ -18,35 +18,35 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import Distiller
-from kdzoo.types import INIT_STAGE, MAIN_STAGE, Batch, Progress, Stage
 from kdzoo.methods.fitnet import ConvReg
-from kdzoo.methods.losses import at_least_fp32, feature_body
+from kdzoo.methods.init_stage import BodyInitDistiller
+from kdzoo.methods.losses import at_least_fp32
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
 
 
 @dataclass
 class ABConfig:
-    margin: float = 1.0  # RD distiller_zoo/AB.py ABLoss(margin=1.0)
-    init_epochs: int = 30  # RD train_student.py --init_epochs 30
-    init_lr: float | None = None  # None = the base lr, as RD helper/pretrain.py (opt.learning_rate)
-    ce_weight: float = 1.0  # RD scripts/run_cifar_distill.sh -r 1 (main stage)
-    kd_weight: float = 0.0  # RD -a 0 (main stage)
-    temperature: float = 4.0  # RD --kd_T 4 (only used when kd_weight > 0)
+    margin: float = 1.0  # RepDistiller distiller_zoo/AB.py ABLoss(margin=1.0)
+    init_epochs: int = 30  # RepDistiller train_student.py --init_epochs 30
+    init_lr: float | None = None  # None = the base lr, as RepDistiller helper/pretrain.py (opt.learning_rate)
+    ce_weight: float = 1.0  # RepDistiller scripts/run_cifar_distill.sh -r 1 (main stage)
+    kd_weight: float = 0.0  # RepDistiller -a 0 (main stage)
+    temperature: float = 4.0  # RepDistiller --kd_T 4 (only used when kd_weight > 0)
 
 
 def connector(student_shape: Sequence[int], teacher_shape: Sequence[int]) -> nn.Module:
-    """RD ``Connector``: identity where (C, H) agree, else RD's ``ConvReg`` without its ReLU (conv + BN)."""
+    """RepDistiller ``Connector``: identity where (C, H) agree, else RepDistiller's ``ConvReg`` without its ReLU (conv
+    + BN)."""
     if student_shape[1] == teacher_shape[1] and student_shape[2] == teacher_shape[2]:
         return nn.Identity()
     return ConvReg(student_shape, teacher_shape, use_relu=False)
 
 
 def ab_loss_terms(student_preacts: Sequence[Tensor], teacher_preacts: Sequence[Tensor], margin: float) -> list[Tensor]:
-    """Weighted per-stage terms of RD's ``ABLoss``: ``w_i * sum(l) / B * 3/1000`` with ``w_i = 2^(i-N+1)``.
+    """Weighted per-stage terms of RepDistiller's ``ABLoss``: ``w_i * sum(l) / B * 3/1000`` with ``w_i = 2^(i-N+1)``.
 
-    RD's element loss ``(s+m)^2 [s > -m, t <= 0] + (s-m)^2 [s <= m, t > 0]`` is written as
+    RepDistiller's element loss ``(s+m)^2 [s > -m, t <= 0] + (s-m)^2 [s <= m, t > 0]`` is written as
     ``relu(s+m)^2`` / ``relu(m-s)^2`` selected by the teacher's sign (same values and gradients)."""
     count = len(student_preacts)
     terms = []
@@ -58,42 +58,21 @@ def ab_loss_terms(student_preacts: Sequence[Tensor], teacher_preacts: Sequence[T
 
 
 @register_method("ab")
-class AB(Distiller):
+class AB(BodyInitDistiller):
     Config = ABConfig
-    declared_stages = (INIT_STAGE, MAIN_STAGE)
-    parameter_sets = ("student_body",)
     teacher_taps = ("preact",)
     student_taps = ("preact",)
+    init_trainable = ("connectors", "student_body")
+    main_trainable = ("student",)  # RepDistiller: the connectors are not trained after init
 
     def build(self) -> None:
+        super().build()
         s_maps, t_maps = self.probe_student().preact[1:], self.probe_teacher().preact[1:]
         if len(s_maps) != len(t_maps):
             raise UserInputError(f"ab pairs stages one to one, but the student has {len(s_maps)} and the teacher "
                                  f"{len(t_maps)}")
         self.connectors = nn.ModuleList(connector(s.shape, t.shape) for s, t in zip(s_maps, t_maps))
-        # The student without its classifier (RD get_feat_modules), trained in the init stage; a view, not a child.
-        object.__setattr__(self, "student_body", feature_body(self.student))
 
-    def stages(self) -> list[Stage]:
-        cfg = self.cfg
-        init = Stage(name=INIT_STAGE, epochs=cfg.init_epochs, trainable=("connectors", "student_body"), lr=cfg.init_lr,
-                     use_schedule=False)
-        main = Stage(name=MAIN_STAGE, trainable=("student",))  # RD: the connectors are not trained after init
-        return [init, main] if cfg.init_epochs > 0 else [main]
-
-    def compute_losses(self, student: Outputs, teacher: Outputs | None, batch: Batch,
-                       progress: Progress) -> dict[str, Tensor]:
-        cfg = self.cfg
-        if progress.stage == INIT_STAGE:
-            assert teacher is not None
-            connected = [conv(f) for conv, f in zip(self.connectors, student.preact[1:])]
-            return {"loss_ab": sum(ab_loss_terms(connected, teacher.preact[1:], cfg.margin))}
-        teacher_logits = teacher.logits if teacher is not None else None
-        return self.ce_and_kd(student.logits, teacher_logits, batch.target)
-
-    def training_step(self, batch: Batch, progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
-        if progress.stage == INIT_STAGE or self.cfg.kd_weight:
-            return super().training_step(batch, progress)
-        # Main stage without KD: RD still runs the teacher, but nothing reads its outputs.
-        student_out = self.student_extractor(batch.image)
-        return student_out.logits, self.compute_losses(student_out, None, batch, progress)
+    def init_losses(self, student: Outputs, teacher: Outputs) -> dict[str, Tensor]:
+        connected = [conv(f) for conv, f in zip(self.connectors, student.preact[1:])]
+        return {"loss_ab": sum(ab_loss_terms(connected, teacher.preact[1:], self.cfg.margin))}

@@ -175,7 +175,7 @@ class Distiller(nn.Module):
 
     def ce_and_kd(self, student_logits: Tensor, teacher_logits: Tensor | None, target: Tensor) -> dict[str, Tensor]:
         """``w_ce·CE + w_kd·KD(T)`` from the config's ``ce_weight`` / ``kd_weight`` / ``temperature``: the
-        part RepDistiller and SimKD loops add to every method (methods.md §0.2)."""
+        part RepDistiller and SimKD loops add to every method (docs/design.md)."""
         cfg = self.cfg
         return ce_and_kd(student_logits, teacher_logits, target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
 

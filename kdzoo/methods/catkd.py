@@ -1,5 +1,5 @@
 """CAT-KD — Guo et al., "Class Attention Transfer Based Knowledge Distillation", CVPR 2023, arXiv 2304.12777
-(methods.md §25). Reference: GzyAftermath/CAT-KD
+(docs/methods/catkd.md). Reference: GzyAftermath/CAT-KD
 ``mdistiller/distillers/CAT_KD.py`` (``CAT_loss``) with the model conversion it trains with
 (``tools/train.py`` ``if_test``; ``models/cifar/*_test``).
 
@@ -28,10 +28,10 @@ from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Distiller, find_classifier
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import at_least_fp32, autocast_off
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs, features
+from kdzoo.types import Batch, Progress
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """CC — Peng et al., "Correlation Congruence for Knowledge Distillation", ICCV 2019, arXiv 1904.01802
-(methods.md §12). Reference: RepDistiller ``distiller_zoo/CC.py`` ``Correlation`` (code the authors sent to
+(docs/methods/cc.md). Reference: RepDistiller ``distiller_zoo/CC.py`` ``Correlation`` (code the authors sent to
 RepDistiller) with ``models/util.py`` ``LinearEmbed`` on both pooled features; both embeddings are
 trained, the teacher's included (it is in RepDistiller's optimiser).
 
@@ -19,21 +19,21 @@ from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import at_least_fp32, autocast_off
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, Progress
 
 VARIANTS = ("rd", "paper")
 
 
 @dataclass
 class CCConfig:
-    feat_dim: int = 128  # RD train_student.py --feat_dim 128
-    feat_weight: float = 0.02  # RD scripts/run_cifar_distill.sh -b 0.02
-    ce_weight: float = 1.0  # RD -r 1
-    kd_weight: float = 0.0  # RD -a 0
-    temperature: float = 4.0  # RD --kd_T 4, used only when kd_weight > 0
+    feat_dim: int = 128  # RepDistiller train_student.py --feat_dim 128
+    feat_weight: float = 0.02  # RepDistiller scripts/run_cifar_distill.sh -b 0.02
+    ce_weight: float = 1.0  # RepDistiller -r 1
+    kd_weight: float = 0.0  # RepDistiller -a 0
+    temperature: float = 4.0  # RepDistiller --kd_T 4, used only when kd_weight > 0
     variant: str = "rd"  # "rd" (RepDistiller) | "paper" (Taylor-expanded Gaussian RBF, torchdistill)
     kernel_gamma: float = 0.4  # paper variant: RBF gamma (torchdistill CCKDLoss sample config gamma 0.4)
     kernel_order: int = 2  # paper variant: Taylor order P (torchdistill sample config max_p 2)
@@ -83,7 +83,7 @@ class CC(Distiller):
             raise UserInputError(f"cc.variant must be one of {VARIANTS}, got {self.cfg.variant!r}")
         student_pooled, teacher_pooled = self.probe_student().pooled, self.probe_teacher().pooled
         assert student_pooled is not None and teacher_pooled is not None
-        # Registration order embed_s, embed_t = RD's module_list / trainable_list order.
+        # Registration order embed_s, embed_t = RepDistiller's module_list / trainable_list order.
         self.embed_s = LinearEmbed(student_pooled.flatten(1).shape[1], self.cfg.feat_dim)
         self.embed_t = LinearEmbed(teacher_pooled.flatten(1).shape[1], self.cfg.feat_dim)
 
@@ -93,7 +93,7 @@ class CC(Distiller):
         assert teacher is not None and student.pooled is not None and teacher.pooled is not None
         cfg = self.cfg
         losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
-        # The teacher's pooled feature is detached, but embed_t itself is trained (RD trainable_list).
+        # The teacher's pooled feature is detached, but embed_t itself is trained (RepDistiller trainable_list).
         e_s, e_t = self.embed_s(student.pooled), self.embed_t(teacher.pooled)
         if cfg.variant == "rd":
             loss = cc_loss_rd(e_s, e_t)

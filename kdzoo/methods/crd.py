@@ -1,5 +1,5 @@
 """CRD — Tian, Krishnan, Isola, "Contrastive Representation Distillation", ICLR 2020, arXiv 1910.10699
-(methods.md §16). Reference: RepDistiller ``crd/criterion.py`` (``CRDLoss``, ``ContrastLoss``,
+(docs/methods/crd.md). Reference: RepDistiller ``crd/criterion.py`` (``CRDLoss``, ``ContrastLoss``,
 ``Embed``), ``crd/memory.py`` (``ContrastMemory``) and the negatives of ``dataset/cifar100.py``
 (``CIFAR100InstanceSample``). Differences that do not change the math: negatives are drawn here, on
 the batch's device, instead of in the data loader; the scores come from one [N, B] product instead of
@@ -17,26 +17,26 @@ from torch import Tensor, nn
 from kdzoo import collectives
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, DatasetInfo, Progress
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, DatasetInfo, Progress
 
-NCE_EPS = 1e-7  # RD crd/criterion.py eps
+NCE_EPS = 1e-7  # RepDistiller crd/criterion.py eps
 MODES = {"exact": "exact", "relax": "relax", "relaxed": "relax"}
 
 
 @dataclass
 class CRDConfig:
-    ce_weight: float = 1.0  # RD scripts/run_cifar_distill.sh -r 1
-    kd_weight: float = 0.0  # RD -a 0 (CRD+KD: -a 1)
-    feat_weight: float = 0.8  # RD -b 0.8 (MD CRD.LOSS.FEAT_WEIGHT 0.8)
-    temperature: float = 4.0  # RD --kd_T 4; KD term only, used when kd_weight > 0
-    feat_dim: int = 128  # RD --feat_dim 128
-    nce_k: int = 16384  # RD --nce_k 16384 negatives per sample
-    nce_t: float = 0.07  # RD --nce_t 0.07
-    nce_momentum: float = 0.5  # RD --nce_m 0.5 (memory-bank momentum)
-    mode: str = "exact"  # RD --mode exact ("relax"/"relaxed": positive = random same-class sample)
-    num_data: int | None = None  # RD n_data = len(train_set); None: taken from bind_dataset
+    ce_weight: float = 1.0  # RepDistiller scripts/run_cifar_distill.sh -r 1
+    kd_weight: float = 0.0  # RepDistiller -a 0 (CRD+KD: -a 1)
+    feat_weight: float = 0.8  # RepDistiller -b 0.8 (mdistiller CRD.LOSS.FEAT_WEIGHT 0.8)
+    temperature: float = 4.0  # RepDistiller --kd_T 4; KD term only, used when kd_weight > 0
+    feat_dim: int = 128  # RepDistiller --feat_dim 128
+    nce_k: int = 16384  # RepDistiller --nce_k 16384 negatives per sample
+    nce_t: float = 0.07  # RepDistiller --nce_t 0.07
+    nce_momentum: float = 0.5  # RepDistiller --nce_m 0.5 (memory-bank momentum)
+    mode: str = "exact"  # RepDistiller --mode exact ("relax"/"relaxed": positive = random same-class sample)
+    num_data: int | None = None  # RepDistiller n_data = len(train_set); None: taken from bind_dataset
 
 
 def _uniform_below(bound: Tensor, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
@@ -94,7 +94,7 @@ class ContrastSampler(nn.Module):
 
     Batched on the batch's device. Call n of process r draws from a generator seeded with a hash of
     (seed, n, r): the stream depends on nothing else, so a checkpoint needs only (seed, n) to resume it
-    exactly, on any device, and under DDP every process draws its own negatives (RD's data-loader
+    exactly, on any device, and under DDP every process draws its own negatives (RepDistiller's data-loader
     workers draw independently too)."""
 
     def __init__(self, seed: int):
@@ -164,19 +164,19 @@ class ContrastSampler(nn.Module):
         count, start = self.class_count[label], self.class_start[label]
         num_negatives = self.class_order.numel() - count
         rank = self._distinct(num_negatives, k, gen)
-        if self.some_need_replacement:  # RD: replace = k > len(cls_negative[target]), per sample
+        if self.some_need_replacement:  # RepDistiller: replace = k > len(cls_negative[target]), per sample
             iid = _uniform_below(num_negatives[:, None], (index.shape[0], k), gen)
             rank = torch.where((num_negatives < k)[:, None], iid, rank)
         # Rank r among the negatives -> position in class-sorted order, skipping the sample's class block.
         negatives = self.class_order[rank + count[:, None] * (rank >= start[:, None])]
         positive = index
-        if mode == "relax":  # a random sample of the anchor's class (RD mode='relax')
+        if mode == "relax":  # a random sample of the anchor's class (RepDistiller mode='relax')
             positive = self.class_order[start + _uniform_below(count, (index.shape[0],), gen)]
         return torch.cat([positive[:, None], negatives], dim=1)
 
 
 def _l2_normalize(x: Tensor) -> Tensor:
-    return x / x.pow(2).sum(1, keepdim=True).sqrt()  # RD Normalize(2): no eps
+    return x / x.pow(2).sum(1, keepdim=True).sqrt()  # RepDistiller Normalize(2): no eps
 
 
 def nce_loss(probs: Tensor, num_data: int) -> Tensor:
@@ -203,21 +203,22 @@ class CRD(Distiller):
             raise UserInputError(f"crd mode must be one of {sorted(MODES)}, got {cfg.mode!r}")
         self.mode = MODES[cfg.mode]
         student_dim, teacher_dim = self.probe_student().pooled.shape[1], self.probe_teacher().pooled.shape[1]
-        # Both embeddings are trainable (RD adds embed_s and embed_t to its optimiser).
+        # Both embeddings are trainable (RepDistiller adds embed_s and embed_t to its optimiser).
         self.embed_student = nn.Linear(student_dim, cfg.feat_dim)
         self.embed_teacher = nn.Linear(teacher_dim, cfg.feat_dim)
-        # Banks of unit vectors keyed by dataset index (RD memory_v1 = student side, memory_v2 = teacher side).
+        # Banks of unit vectors keyed by dataset index (RepDistiller memory_v1 = student side, memory_v2 = teacher
+        # side).
         self.register_buffer("memory_student", torch.zeros(0, cfg.feat_dim))
         self.register_buffer("memory_teacher", torch.zeros(0, cfg.feat_dim))
-        # (Z_s, Z_t), RD params[2:4]: -1 = unset, fixed by the first batch, then frozen.
+        # (Z_s, Z_t), RepDistiller params[2:4]: -1 = unset, fixed by the first batch, then frozen.
         self.register_buffer("normalizer", torch.full((2,), -1.0))
         if cfg.num_data is not None:
             self._init_memory(cfg.num_data)
-        # Seeded from the global generator after RD's construction order (embeddings, then banks).
+        # Seeded from the global generator after RepDistiller's construction order (embeddings, then banks).
         self.sampler = ContrastSampler(seed=int(torch.randint(0, 2**62, ()).item()))
 
     def _init_memory(self, num_data: int) -> None:
-        # RD ContrastMemory: U(-a, a), a = 1/sqrt(feat_dim/3) (unit expected norm), student bank first.
+        # RepDistiller ContrastMemory: U(-a, a), a = 1/sqrt(feat_dim/3) (unit expected norm), student bank first.
         device, dim = self.memory_student.device, self.cfg.feat_dim
         stdv = 1.0 / math.sqrt(dim / 3)
         self.memory_student = torch.rand(num_data, dim, device=device).mul_(2 * stdv).add_(-stdv)
@@ -239,7 +240,7 @@ class CRD(Distiller):
             # One [N, B] product, then pick; the snapshot keeps the graph valid across the in-place
             # memory update that follows in this same step.
             return (memory.clone() @ anchor.T).gather(0, contrast_index.T).T
-        rows = memory[contrast_index]  # advanced indexing copies, as RD's index_select
+        rows = memory[contrast_index]  # advanced indexing copies, as RepDistiller's index_select
         return torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2)
 
     def contrast_losses(self, student_pooled: Tensor, teacher_pooled: Tensor, index: Tensor,
@@ -252,7 +253,7 @@ class CRD(Distiller):
         with torch.autocast(device_type=student_pooled.device.type, enabled=False):
             v_s = _l2_normalize(self.embed_student(student_pooled.flatten(1).float()))
             v_t = _l2_normalize(self.embed_teacher(teacher_pooled.flatten(1).float()))
-            # Each anchor is scored against the other side's bank (RD out_v1 / out_v2).
+            # Each anchor is scored against the other side's bank (RepDistiller out_v1 / out_v2).
             out_s = torch.exp(self._scores(self.memory_teacher.float(), contrast_index, v_s) / cfg.nce_t)
             out_t = torch.exp(self._scores(self.memory_student.float(), contrast_index, v_t) / cfg.nce_t)
             with torch.no_grad():  # Z = mean(exp) * N from the first batch only, a constant for the loss
@@ -267,7 +268,7 @@ class CRD(Distiller):
 
     @torch.no_grad()
     def _update_memory(self, index: Tensor, v_s: Tensor, v_t: Tensor) -> None:
-        # RD: rows of the batch's own samples <- normalize(m * row + (1 - m) * v), after scoring.
+        # RepDistiller: rows of the batch's own samples <- normalize(m * row + (1 - m) * v), after scoring.
         # Under DDP every process applies every process's rows, so the banks stay identical on all of them
         # and equal to one process's with the global batch.
         m = self.cfg.nce_momentum

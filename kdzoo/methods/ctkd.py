@@ -1,5 +1,5 @@
 """CTKD — Li, Li, Yang, Cheng, Liu, Yang, Li, Yang, "Curriculum Temperature for Knowledge Distillation",
-AAAI 2023, arXiv 2211.16231 (methods.md §25). Reference: zhengli97/CTKD ``train_student.py``, ``helper/loops.py``,
+AAAI 2023, arXiv 2211.16231 (docs/methods/ctkd.md). Reference: zhengli97/CTKD ``train_student.py``, ``helper/loops.py``,
 ``models/temp_global.py`` (``Global_T``) and ``scripts/run_cifar_distill.sh`` (global temperature, cosine ramp).
 
 KD whose temperature is learned adversarially: ``tau = t_start + t_range * sigmoid(GRL(theta))``. The gradient
@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import ce_and_kd, kd_loss
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, Progress
 
 
 @dataclass

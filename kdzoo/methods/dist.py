@@ -1,5 +1,5 @@
 """DIST — Huang, You, Wang, Qian, Xu, "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022,
-arXiv 2205.10536 (methods.md §25). Reference: hunto/image_classification_sota ``lib/models/losses/dist_kd.py``
+arXiv 2205.10536 (docs/methods/dist.md). Reference: hunto/image_classification_sota ``lib/models/losses/dist_kd.py``
 (``DIST`` with ``tau``): match Pearson correlations of the tempered class distributions, per sample across classes
 (inter-class relation) and per class across the batch (intra-class relation)."""
 
@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import at_least_fp32, cross_entropy
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, Progress
 
 
 @dataclass
 class DISTConfig:
-    beta: float = 2.0  # inter-class weight; authors' CIFAR-100 setting beta = gamma = 2, tau = 4 (methods.md §25)
+    beta: float = 2.0  # inter-class weight; authors' CIFAR-100 setting beta = gamma = 2, tau = 4 (docs/methods/dist.md)
     gamma: float = 2.0  # intra-class weight (ImageNet recipe: beta = gamma = 1)
     temperature: float = 4.0  # DIST paper CIFAR-100 tau = 4 (ImageNet: 1)
     ce_weight: float = 1.0  # DIST paper's total loss: 1*CE + beta*L_inter + gamma*L_intra (no KD term added)

@@ -1,4 +1,4 @@
-"""DKD — Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022, arXiv 2203.08679 (methods.md §18).
+"""DKD — Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022, arXiv 2203.08679 (docs/methods/dkd.md).
 Reference: mdistiller ``distillers/DKD.py``. The student's binary log-probabilities are computed
 with log-sum-exp instead of ``log`` of a softmax sum (same value in fp32, no -inf when p_y -> 1)."""
 
@@ -11,19 +11,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import cross_entropy, logsumexp_excluding, warmup_factor
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, Progress
 
 
 @dataclass
 class DKDConfig:
-    alpha: float = 1.0  # MD configs/cifar100/dkd/*.yaml DKD.ALPHA (TCKD weight)
-    beta: float = 8.0  # MD res32x4_res8x4.yaml DKD.BETA; per-pair values live in the recipes
-    temperature: float = 4.0  # MD DKD.T
-    warmup_epochs: int = 20  # MD DKD.WARMUP (ImageNet: 1)
-    ce_weight: float = 1.0  # MD DKD.CE_WEIGHT
+    alpha: float = 1.0  # mdistiller configs/cifar100/dkd/*.yaml DKD.ALPHA (TCKD weight)
+    beta: float = 8.0  # mdistiller res32x4_res8x4.yaml DKD.BETA; per-pair values live in the recipes
+    temperature: float = 4.0  # mdistiller DKD.T
+    warmup_epochs: int = 20  # mdistiller DKD.WARMUP (ImageNet: 1)
+    ce_weight: float = 1.0  # mdistiller DKD.CE_WEIGHT
 
 
 def _kl_rows(log_p_teacher: Tensor, log_p_student: Tensor) -> Tensor:
@@ -63,10 +63,17 @@ class DKD(Distiller):
     ) -> dict[str, Tensor]:
         assert teacher is not None
         cfg = self.cfg
-        tckd, nckd = dkd_terms(student.logits, teacher.logits, batch.target, cfg.temperature)
+        tckd, nckd = dkd_terms(
+            self.distilled_logits(student.logits), self.distilled_logits(teacher.logits), batch.target, cfg.temperature
+        )
         ramp = warmup_factor(progress.epoch, cfg.warmup_epochs)
         return {
             "loss_ce": cfg.ce_weight * cross_entropy(student.logits, batch.target),
             "loss_tckd": ramp * cfg.alpha * tckd,
             "loss_nckd": ramp * cfg.beta * nckd,
         }
+
+    def distilled_logits(self, logits: Tensor) -> Tensor:
+        """The logits the TCKD / NCKD terms compare (the cross-entropy always sees the raw student logits);
+        logit standardization's ``dkd_ls`` Z-scores them."""
+        return logits

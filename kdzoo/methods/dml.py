@@ -1,4 +1,4 @@
-"""DML — Zhang, Xiang, Hospedales, Lu, "Deep Mutual Learning", CVPR 2018, arXiv 1706.00384 (methods.md §23).
+"""DML — Zhang, Xiang, Hospedales, Lu, "Deep Mutual Learning", CVPR 2018, arXiv 1706.00384 (docs/methods/dml.md).
 
 A cohort of networks trained together from scratch: network k minimises
 ``CE(z_k, y) + 1/(K-1) * sum_{l != k} KL(p_l || p_k)`` with its peers' predictions detached (paper Eq. 1/2 and

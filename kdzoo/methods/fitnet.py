@@ -1,4 +1,4 @@
-"""FitNet — Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015, arXiv 1412.6550 (methods.md §3).
+"""FitNet — Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015, arXiv 1412.6550 (docs/methods/fitnet.md).
 
 Reference: RepDistiller ``distiller_zoo/FitNet.py`` (``HintLoss`` = MSE) with the ``models/util.py``
 ``ConvReg`` regressor on the student's hint map. RepDistiller and mdistiller train in one stage; the
@@ -25,12 +25,14 @@ from kdzoo.types import MAIN_STAGE, Batch, Progress, Stage
 
 @dataclass
 class FitNetConfig:
-    hint_layer: int = 2  # RD train_student.py --hint_layer 2 (MD FITNET.HINT_LAYER 2; SK uses 1)
-    feat_weight: float = 100.0  # RD scripts/run_cifar_distill.sh -b 100 (MD FITNET.LOSS.FEAT_WEIGHT 100)
-    ce_weight: float = 1.0  # RD -r 1 (MD FITNET.LOSS.CE_WEIGHT 1)
-    kd_weight: float = 0.0  # RD -a 0 (SK -d 1 adds KD)
-    temperature: float = 4.0  # RD --kd_T 4, used only when kd_weight > 0
-    # Paper §2.2 / TF port: hint pre-training before the main run (TF: 30% of the epochs). 0 = RD/MD single stage.
+    hint_layer: int = 2  # RepDistiller train_student.py --hint_layer 2 (mdistiller FITNET.HINT_LAYER 2; SimKD uses 1)
+    # RepDistiller scripts/run_cifar_distill.sh -b 100 (mdistiller FITNET.LOSS.FEAT_WEIGHT 100)
+    feat_weight: float = 100.0
+    ce_weight: float = 1.0  # RepDistiller -r 1 (mdistiller FITNET.LOSS.CE_WEIGHT 1)
+    kd_weight: float = 0.0  # RepDistiller -a 0 (SimKD -d 1 adds KD)
+    temperature: float = 4.0  # RepDistiller --kd_T 4, used only when kd_weight > 0
+    # Paper §2.2 / TensorFlow port: hint pre-training before the main run (TensorFlow port: 30% of the epochs). 0 =
+    # RepDistiller/mdistiller single stage.
     hint_stage_epochs: int = 0
 
 

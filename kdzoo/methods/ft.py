@@ -1,5 +1,5 @@
 """FT — Kim, Park, Kwak, "Paraphrasing Complex Network: Network Compression via Factor Transfer", NeurIPS 2018,
-arXiv 1802.04977 (methods.md §14). Reference: RepDistiller ``distiller_zoo/FT.py FactorTransfer``,
+arXiv 1802.04977 (docs/methods/ft.md). Reference: RepDistiller ``distiller_zoo/FT.py FactorTransfer``,
 ``models/util.py Paraphraser, Translator`` and ``helper/pretrain.py init``.
 
 Two stages, as RepDistiller runs them: an init stage (30 epochs, constant lr) trains only the paraphraser, an
@@ -16,28 +16,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdzoo.methods.base import Distiller
-from kdzoo.types import INIT_STAGE, MAIN_STAGE, Batch, Progress, Stage
+from kdzoo.methods.init_stage import InitStageDistiller
 from kdzoo.methods.losses import at_least_fp32, pool_to_smaller
 from kdzoo.methods.registry import register_method
 from kdzoo.models.cifar.resnet import CifarResNet
 from kdzoo.models.cifar.wrn import WideResNet
 from kdzoo.models.taps import Outputs
+from kdzoo.types import INIT_STAGE, Batch, Progress
 
 
 @dataclass
 class FTConfig:
-    ft_weight: float = 200.0  # RD scripts/run_cifar_distill.sh -b 200
-    paraphrase_rate: float = 0.5  # RD models/util.py Paraphraser/Translator k=0.5 (the paper's paraphrase rate)
-    init_epochs: int = 30  # RD train_student.py --init_epochs 30
-    init_lr: float | None = None  # None = RD helper/pretrain.py rule: 0.01 for CIFAR ResNet/WRN students, else base lr
-    ce_weight: float = 1.0  # RD -r 1
-    kd_weight: float = 0.0  # RD -a 0
-    temperature: float = 4.0  # RD --kd_T 4 (only used when kd_weight > 0)
+    ft_weight: float = 200.0  # RepDistiller scripts/run_cifar_distill.sh -b 200
+    # RepDistiller models/util.py Paraphraser/Translator k=0.5 (the paper's paraphrase rate)
+    paraphrase_rate: float = 0.5
+    init_epochs: int = 30  # RepDistiller train_student.py --init_epochs 30
+    # None = RepDistiller helper/pretrain.py rule: 0.01 for CIFAR ResNet/WRN students, else base lr
+    init_lr: float | None = None
+    ce_weight: float = 1.0  # RepDistiller -r 1
+    kd_weight: float = 0.0  # RepDistiller -a 0
+    temperature: float = 4.0  # RepDistiller --kd_T 4 (only used when kd_weight > 0)
 
 
 def _conv_stack(channels: list[int], batch_norm: bool, transposed: bool = False) -> nn.Sequential:
-    """RD's conv3x3 (+ BN or an empty slot, keeping RD's state_dict indices) + LeakyReLU(0.1) chains."""
+    """RepDistiller's conv3x3 (+ BN or an empty slot, keeping RepDistiller's state_dict indices) + LeakyReLU(0.1)
+    chains."""
     conv = nn.ConvTranspose2d if transposed else nn.Conv2d
     layers: list[nn.Module] = []
     for c_in, c_out in zip(channels[:-1], channels[1:]):
@@ -47,7 +50,7 @@ def _conv_stack(channels: list[int], batch_norm: bool, transposed: bool = False)
 
 
 class Paraphraser(nn.Module):
-    """RD ``Paraphraser`` (teacher side, no BN): encoder C -> C -> kC -> kC, decoder kC -> kC -> C -> C."""
+    """RepDistiller ``Paraphraser`` (teacher side, no BN): encoder C -> C -> kC -> kC, decoder kC -> kC -> C -> C."""
 
     def __init__(self, channels: int, rate: float):
         super().__init__()
@@ -57,7 +60,7 @@ class Paraphraser(nn.Module):
 
 
 class Translator(nn.Module):
-    """RD ``Translator`` (student side, BN): C_s -> C_s -> int(k C_t) -> int(k C_t)."""
+    """RepDistiller ``Translator`` (student side, BN): C_s -> C_s -> int(k C_t) -> int(k C_t)."""
 
     def __init__(self, student_channels: int, teacher_channels: int, rate: float):
         super().__init__()
@@ -66,7 +69,8 @@ class Translator(nn.Module):
 
 
 def factor_loss(student_factor: Tensor, teacher_factor: Tensor) -> Tensor:
-    """RD ``FactorTransfer`` (p1 = 2, p2 = 1): mean |a(F_s) - a(F_t)| with ``a(F) = normalize(mean_c F^2)``."""
+    """RepDistiller ``FactorTransfer`` (p1 = 2, p2 = 1): mean |a(F_s) - a(F_t)| with ``a(F) = normalize(mean_c
+    F^2)``."""
     student_factor, teacher_factor = pool_to_smaller(at_least_fp32(student_factor), at_least_fp32(teacher_factor))
 
     def attention(factor: Tensor) -> Tensor:
@@ -76,26 +80,23 @@ def factor_loss(student_factor: Tensor, teacher_factor: Tensor) -> Tensor:
 
 
 @register_method("ft")
-class FT(Distiller):
+class FT(InitStageDistiller):
     Config = FTConfig
-    declared_stages = (INIT_STAGE, MAIN_STAGE)
     teacher_taps = ("feats",)
     student_taps = ("feats",)
+    init_trainable = ("paraphraser",)
+    main_trainable = ("student", "translator")  # RepDistiller never steps the paraphraser again
 
     def build(self) -> None:
         s_channels, t_channels = self.probe_student().feats[-1].shape[1], self.probe_teacher().feats[-1].shape[1]
-        # RD builds the paraphraser first (seeded runs then draw the same initial weights).
+        # RepDistiller builds the paraphraser first (seeded runs then draw the same initial weights).
         self.paraphraser = Paraphraser(t_channels, self.cfg.paraphrase_rate)
         self.translator = Translator(s_channels, t_channels, self.cfg.paraphrase_rate)
 
-    def stages(self) -> list[Stage]:
-        cfg = self.cfg
-        init_lr = cfg.init_lr
-        if init_lr is None and isinstance(self.student, (CifarResNet, WideResNet)):
-            init_lr = 0.01  # RD helper/pretrain.py: lr 0.01 for factor when the student is a resnet*/wrn_*
-        init = Stage(name=INIT_STAGE, epochs=cfg.init_epochs, trainable=("paraphraser",), lr=init_lr, use_schedule=False)
-        main = Stage(name=MAIN_STAGE, trainable=("student", "translator"))  # RD never steps the paraphraser again
-        return [init, main] if cfg.init_epochs > 0 else [main]
+    def init_stage_lr(self) -> float | None:
+        if self.cfg.init_lr is None and isinstance(self.student, (CifarResNet, WideResNet)):
+            return 0.01  # RepDistiller helper/pretrain.py: lr 0.01 for factor when the student is a resnet*/wrn_*
+        return self.cfg.init_lr
 
     def compute_losses(self, student: Outputs, teacher: Outputs | None, batch: Batch,
                        progress: Progress) -> dict[str, Tensor]:
@@ -106,7 +107,7 @@ class FT(Distiller):
             reconstruction = self.paraphraser.decoder(self.paraphraser.encoder(teacher_map))
             return {"loss_ft_reconstruction": F.mse_loss(at_least_fp32(reconstruction), at_least_fp32(teacher_map))}
         losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
-        # RD lets gradients reach the (frozen, never stepped) paraphraser; not computing them changes nothing.
+        # RepDistiller lets gradients reach the (frozen, never stepped) paraphraser; not computing them changes nothing.
         with torch.no_grad():
             teacher_factor = self.paraphraser.encoder(teacher_map)
         losses["loss_ft"] = cfg.ft_weight * factor_loss(self.translator.encoder(student.feats[-1]), teacher_factor)
@@ -115,7 +116,8 @@ class FT(Distiller):
     def training_step(self, batch: Batch, progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
         if progress.stage != INIT_STAGE:
             return super().training_step(batch, progress)
-        # RD init(): the student runs in eval mode and takes no part in the loss; only its logits are returned.
+        # RepDistiller init(): the student runs in eval mode and takes no part in the loss; only its logits are
+        # returned.
         teacher_out = self.teacher_forward(batch)
         was_training = self.student.training
         self.student.eval()

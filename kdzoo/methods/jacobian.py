@@ -1,5 +1,5 @@
 """JB — Srinivas & Fleuret, "Knowledge Transfer with Jacobian Matching", ICML 2018, arXiv 1803.00443
-(methods.md §24). No official code is public; this follows the spec: match the per-sample input gradients
+(docs/methods/jacobian.md). No official code is public; this follows the spec: match the per-sample input gradients
 ``J = d z_c / d x`` of one class score c of teacher and student, each L2-normalised, with a squared L2 distance,
 optionally together with attention transfer (the paper's "AT + Jacobian" setting) and KD.
 
@@ -21,10 +21,10 @@ from torch import Tensor
 from kdzoo.errors import UserInputError
 from kdzoo.methods.at import at_stage_losses
 from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import at_least_fp32
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, Progress
 
 CLASS_CHOICES = ("target", "teacher_top1")
 # Under fp16 autocast the input-gradient backward runs in fp16, where small gradients underflow: scale the seed
@@ -34,16 +34,17 @@ FP16_SEED_SCALE = 2.0**10
 
 @dataclass
 class JacobianConfig:
-    # methods.md §24 gives no weight and there are no published CIFAR numbers for the seeds' pairs: 1.0 is
+    # docs/methods/jacobian.md gives no weight and there are no published CIFAR numbers for the seeds' pairs: 1.0 is
     # kdzoo's choice, to be tuned per pair.
     jacobian_weight: float = 1.0
-    normalize: bool = True  # methods.md §24: normalised variant J/||J||_2 (False = raw Jacobians)
-    jacobian_class: str = "target"  # methods.md §24: c = ground-truth label (or "teacher_top1")
-    at_weight: float = 0.0  # > 0 adds AT (methods.md §4) as in the paper's AT + Jacobian runs; RD's AT weight is 1000
-    at_p: float = 2.0  # RD Attention(p=2)
-    ce_weight: float = 1.0  # methods.md §24: L = CE + w_kd*KD + lambda*L_jacobian
+    normalize: bool = True  # docs/methods/jacobian.md: normalised variant J/||J||_2 (False = raw Jacobians)
+    jacobian_class: str = "target"  # docs/methods/jacobian.md: c = ground-truth label (or "teacher_top1")
+    # > 0 adds AT (docs/methods/at.md) as in the paper's AT + Jacobian runs; RepDistiller's AT weight is 1000
+    at_weight: float = 0.0
+    at_p: float = 2.0  # RepDistiller Attention(p=2)
+    ce_weight: float = 1.0  # docs/methods/jacobian.md: L = CE + w_kd*KD + lambda*L_jacobian
     kd_weight: float = 0.0
-    temperature: float = 4.0  # KD temperature (RD --kd_T 4), used only when kd_weight > 0
+    temperature: float = 4.0  # KD temperature (RepDistiller --kd_T 4), used only when kd_weight > 0
 
 
 def input_gradient(logits: Tensor, classes: Tensor, image: Tensor, *, create_graph: bool) -> Tensor:

@@ -1,5 +1,5 @@
 """KD — Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", arXiv 1503.02531
-(methods.md §2). RepDistiller's ``DistillKL`` is the reference; mdistiller's ``kd_loss`` is identical."""
+(docs/methods/kd.md). RepDistiller's ``DistillKL`` is the reference; mdistiller's ``kd_loss`` is identical."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, Progress
 
 
 @dataclass
 class KDConfig:
-    temperature: float = 4.0  # RD scripts/run_cifar_distill.sh --kd_T 4 (MD cfg.py KD.TEMPERATURE 4)
-    ce_weight: float = 0.1  # RD -r 0.1 (MD KD.LOSS.CE_WEIGHT 0.1); ImageNet recipes use 0.5
-    kd_weight: float = 0.9  # RD -a 0.9 (MD KD.LOSS.KD_WEIGHT 0.9); ImageNet recipes use 0.5
+    temperature: float = 4.0  # RepDistiller scripts/run_cifar_distill.sh --kd_T 4 (mdistiller cfg.py KD.TEMPERATURE 4)
+    ce_weight: float = 0.1  # RepDistiller -r 0.1 (mdistiller KD.LOSS.CE_WEIGHT 0.1); ImageNet recipes use 0.5
+    kd_weight: float = 0.9  # RepDistiller -a 0.9 (mdistiller KD.LOSS.KD_WEIGHT 0.9); ImageNet recipes use 0.5
 
 
 @register_method("kd")

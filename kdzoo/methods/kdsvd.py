@@ -1,5 +1,5 @@
 """KD-SVD — Lee, Kim, Song, "Self-supervised Knowledge Distillation Using Singular Value Decomposition",
-ECCV 2018, arXiv 1807.06819 (methods.md §7).
+ECCV 2018, arXiv 1807.06819 (docs/methods/kdsvd.md).
 
 Reference: RepDistiller ``distiller_zoo/KDSVD.py`` (a port of the authors' TensorFlow code), which is
 authoritative. mdistiller's ``KDSVD`` reshapes maps to [B, C*H, W] and computes a different quantity.
@@ -28,19 +28,19 @@ from torch.autograd.function import once_differentiable
 
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import at_least_fp32, autocast_off, ce_and_kd
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, Progress
 
 
 @dataclass
 class KDSVDConfig:
-    k: int = 1  # RD KDSVD(k=1) (MD KDSVD.K 1): teacher singular vectors kept; the student keeps k + 3
-    feat_weight: float = 1.0  # MD KDSVD.LOSS.FEAT_WEIGHT 1 (RD ships no script line for KD-SVD)
-    ce_weight: float = 1.0  # MD KDSVD.LOSS.CE_WEIGHT 1
-    kd_weight: float = 0.0  # RD -a 0 convention for feature methods
-    temperature: float = 4.0  # RD --kd_T 4, used only when kd_weight > 0
+    k: int = 1  # RepDistiller KDSVD(k=1) (mdistiller KDSVD.K 1): teacher singular vectors kept; the student keeps k + 3
+    feat_weight: float = 1.0  # mdistiller KDSVD.LOSS.FEAT_WEIGHT 1 (RepDistiller ships no script line for KD-SVD)
+    ce_weight: float = 1.0  # mdistiller KDSVD.LOSS.CE_WEIGHT 1
+    kd_weight: float = 0.0  # RepDistiller -a 0 convention for feature methods
+    temperature: float = 4.0  # RepDistiller --kd_T 4, used only when kd_weight > 0
 
 
 def _finite_or_zero(x: Tensor) -> Tensor:
@@ -50,7 +50,7 @@ def _finite_or_zero(x: Tensor) -> Tensor:
 def top_singular(feature_map: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """Top-n right-singular vectors V [B, C, n] (unit columns) and normalised singular values [B, n]
     of X = [B, H*W, C]. Non-finite entries are zeroed, as the reference does."""
-    x = feature_map.flatten(2).transpose(1, 2)  # RD views [B, C, H*H] (square maps), then transposes
+    x = feature_map.flatten(2).transpose(1, 2)  # RepDistiller views [B, C, H*H] (square maps), then transposes
     _, sigma, vh = torch.linalg.svd(x, full_matrices=False)
     v = F.normalize(_finite_or_zero(vh[:, :n, :].transpose(1, 2)), dim=1)
     sigma = F.normalize(_finite_or_zero(sigma[:, :n]), dim=1)
@@ -155,6 +155,6 @@ class KDSVD(Distiller):
         assert teacher is not None
         cfg = self.cfg
         losses = ce_and_kd(student.logits, teacher.logits, batch.target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
-        # RD feat[1:-1]: every stage map after the stem.
+        # RepDistiller feat[1:-1]: every stage map after the stem.
         losses["loss_kdsvd"] = cfg.feat_weight * sum(kdsvd_pair_losses(student.feats[1:], teacher.feats[1:], cfg.k))
         return losses

@@ -1,5 +1,5 @@
 """Logit standardization — Sun, Ren, Li, Wang, Cao, "Logit Standardization in Knowledge Distillation", CVPR 2024,
-arXiv 2403.01427 (methods.md §25). Reference: sunshangquan/logit-standardization-KD (an mdistiller fork):
+arXiv 2403.01427 (docs/methods/logit_std.md). Reference: sunshangquan/logit-standardization-KD (an mdistiller fork):
 ``normalize`` in ``mdistiller/distillers/KD.py`` / ``DKD.py`` and the ``--logit-stand --base-temp 2 --kd-weight 9``
 overrides in ``tools/train.py``.
 
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, Progress
-from kdzoo.methods.dkd import dkd_terms
-from kdzoo.methods.losses import at_least_fp32, cross_entropy, kd_loss, warmup_factor
+from kdzoo.methods.dkd import DKD
+from kdzoo.methods.losses import at_least_fp32, cross_entropy, kd_loss
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, Progress
 
 
 def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
@@ -52,30 +52,20 @@ class KDLogitStandardization(Distiller):
 
 @dataclass
 class DKDLSConfig:
-    # LS tools/train.py for DKD: ALPHA *= kd_weight, BETA *= kd_weight, DKD.T = base_temp, with MD's
+    # LS tools/train.py for DKD: ALPHA *= kd_weight, BETA *= kd_weight, DKD.T = base_temp, with mdistiller's
     # res32x4_res8x4 DKD config (alpha 1, beta 8) and --kd-weight 9 --base-temp 2 from the LS README.
     alpha: float = 9.0  # 1 * 9
     beta: float = 72.0  # 8 * 9
     temperature: float = 2.0  # --base-temp 2
-    warmup_epochs: int = 20  # MD DKD.WARMUP 20 (unchanged by LS)
-    ce_weight: float = 1.0  # MD DKD.CE_WEIGHT 1
+    warmup_epochs: int = 20  # mdistiller DKD.WARMUP 20 (unchanged by LS)
+    ce_weight: float = 1.0  # mdistiller DKD.CE_WEIGHT 1
 
 
 @register_method("dkd_ls")
-class DKDLogitStandardization(Distiller):
+class DKDLogitStandardization(DKD):
+    """DKD's loss on Z-scored logits (the cross-entropy keeps the raw ones)."""
+
     Config = DKDLSConfig
 
-    def compute_losses(
-        self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
-    ) -> dict[str, Tensor]:
-        assert teacher is not None
-        cfg = self.cfg
-        tckd, nckd = dkd_terms(
-            standardize_logits(student.logits), standardize_logits(teacher.logits), batch.target, cfg.temperature
-        )
-        ramp = warmup_factor(progress.epoch, cfg.warmup_epochs)
-        return {
-            "loss_ce": cfg.ce_weight * cross_entropy(student.logits, batch.target),
-            "loss_tckd": ramp * cfg.alpha * tckd,
-            "loss_nckd": ramp * cfg.beta * nckd,
-        }
+    def distilled_logits(self, logits: Tensor) -> Tensor:
+        return standardize_logits(logits)

@@ -1,7 +1,9 @@
 """Loss functions shared by several methods. Numerically sensitive parts run in fp32 under AMP
-(methods.md §0.6.3): log-softmax of tempered logits is computed on ``.float()`` inputs."""
+(docs/design.md): log-softmax of tempered logits is computed on ``.float()`` inputs."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ from kdzoo.models.taps import classifier_of
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """Hinton KD: T^2 * KL(p_t || p_s), summed over classes, averaged over the batch (methods.md §2)."""
+    """Hinton KD: T^2 * KL(p_t || p_s), summed over classes, averaged over the batch (docs/methods/kd.md)."""
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
@@ -30,7 +32,7 @@ def ce_and_kd(
     kd_weight: float,
     temperature: float = 4.0,
 ) -> dict[str, Tensor]:
-    """The ``w_ce*CE + w_kd*KD`` part every RepDistiller / SimKD loop adds (methods.md §0.2).
+    """The ``w_ce*CE + w_kd*KD`` part every RepDistiller / SimKD loop adds (docs/design.md).
     Terms with weight 0 are left out, so they cost nothing."""
     losses: dict[str, Tensor] = {}
     if ce_weight:
@@ -42,7 +44,7 @@ def ce_and_kd(
 
 
 def warmup_factor(epoch: int, warmup_epochs: int) -> float:
-    """``min(e / W, 1)`` with 1-based epochs (mdistiller, methods.md §0.5)."""
+    """``min(e / W, 1)`` with 1-based epochs (mdistiller, docs/methods/dkd.md)."""
     return min(epoch / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
 
 
@@ -53,13 +55,13 @@ def logsumexp_excluding(logits: Tensor, exclude: Tensor) -> Tensor:
 
 def autocast_off(reference: Tensor) -> torch.autocast:
     """Context disabling autocast on ``reference``'s device, so that matmuls, SVDs and exps of
-    ``.float()`` inputs really run in fp32 (methods.md §0.6.3): under autocast ``.float()`` alone is not
+    ``.float()`` inputs really run in fp32 (docs/design.md): under autocast ``.float()`` alone is not
     enough, ``mm``/``bmm`` would cast their inputs back to half precision."""
     return torch.autocast(device_type=reference.device.type, enabled=False)
 
 
 def pool_to_smaller(student_map: Tensor, teacher_map: Tensor) -> tuple[Tensor, Tensor]:
-    """RepDistiller's spatial matching (AT, NST): adaptive-average-pool the larger of two square maps to
+    """RepDistiller's spatial matching (AT, NST, FSP, FT): adaptive-average-pool the larger of two square maps to
     the other's size; equal sizes pass through untouched."""
     student_size, teacher_size = student_map.shape[2], teacher_map.shape[2]
     if student_size > teacher_size:
@@ -67,6 +69,29 @@ def pool_to_smaller(student_map: Tensor, teacher_map: Tensor) -> tuple[Tensor, T
     elif student_size < teacher_size:
         teacher_map = F.adaptive_avg_pool2d(teacher_map, (student_size, student_size))
     return student_map, teacher_map
+
+
+def align_spatial(student_map: Tensor, teacher_map: Tensor) -> tuple[Tensor, Tensor]:
+    """The SimKD repository's spatial matching (SimKD, SelfA), also VID's: adaptive-average-pool the map with the
+    larger height to the other's (H, W). Unlike :func:`pool_to_smaller` a non-square map keeps its aspect ratio;
+    on square maps the two agree."""
+    s_size, t_size = student_map.shape[-2:], teacher_map.shape[-2:]
+    if s_size[0] > t_size[0]:
+        return F.adaptive_avg_pool2d(student_map, t_size), teacher_map
+    if s_size != t_size:
+        return student_map, F.adaptive_avg_pool2d(teacher_map, s_size)
+    return student_map, teacher_map
+
+
+def pooled_pair_terms(
+    first_maps: Sequence[Tensor], second_maps: Sequence[Tensor], term: Callable[[Tensor, Tensor], Tensor]
+) -> list[Tensor]:
+    """``term(a, b)`` for each pair of maps zipped from the two lists (stages beyond the shorter list are ignored,
+    as RepDistiller's zips do), each map upcast to at least fp32 and the larger one of the pair pooled to the
+    other's size (:func:`pool_to_smaller`), with autocast off so that the term's matmuls stay fp32 too.
+    AT and NST pair student with teacher stages; FSP pairs consecutive maps of one network."""
+    with autocast_off(first_maps[0]):
+        return [term(*pool_to_smaller(at_least_fp32(a), at_least_fp32(b))) for a, b in zip(first_maps, second_maps)]
 
 
 def at_least_fp32(tensor: Tensor) -> Tensor:
@@ -93,6 +118,7 @@ class _ParametersWithout(torch.nn.Module):
 
 def feature_body(model: torch.nn.Module) -> torch.nn.Module:
     """RepDistiller's ``get_feat_modules()`` as a parameter view: every parameter of ``model`` except its
-    classifier's, for stages that train the feature extractor alone (AB and FSP init, methods.md §13/§15).
+    classifier's, for stages that train the feature extractor alone (AB and FSP init, docs/methods/ab.md,
+    docs/methods/fsp.md).
     Store it with ``object.__setattr__`` and name it in ``Stage.trainable``."""
     return _ParametersWithout(model, classifier_of(model))

@@ -1,5 +1,5 @@
 """NST — Huang & Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer",
-arXiv 1707.01219 (methods.md §5). Reference: RepDistiller ``distiller_zoo/NST.py`` ``NSTLoss``
+arXiv 1707.01219 (docs/methods/nst.md). Reference: RepDistiller ``distiller_zoo/NST.py`` ``NSTLoss``
 (polynomial kernel k(x, y) = (x^T y)^2, full MMD including the constant teacher-teacher term).
 
 The reference forms [B, C, C, HW] broadcast products; the kernel matrices here are Gram matrices of
@@ -16,18 +16,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, Progress
-from kdzoo.methods.losses import at_least_fp32, autocast_off, pool_to_smaller
+from kdzoo.methods.losses import pooled_pair_terms
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, Progress
 
 
 @dataclass
 class NSTConfig:
-    feat_weight: float = 50.0  # RD scripts/run_cifar_distill.sh -b 50 (MD NST.LOSS.FEAT_WEIGHT 50)
-    ce_weight: float = 1.0  # RD -r 1 (MD NST.LOSS.CE_WEIGHT 1)
-    kd_weight: float = 0.0  # RD -a 0
-    temperature: float = 4.0  # RD --kd_T 4, used only when kd_weight > 0
+    feat_weight: float = 50.0  # RepDistiller scripts/run_cifar_distill.sh -b 50 (mdistiller NST.LOSS.FEAT_WEIGHT 50)
+    ce_weight: float = 1.0  # RepDistiller -r 1 (mdistiller NST.LOSS.CE_WEIGHT 1)
+    kd_weight: float = 0.0  # RepDistiller -a 0
+    temperature: float = 4.0  # RepDistiller --kd_T 4, used only when kd_weight > 0
 
 
 def poly_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
@@ -55,12 +55,11 @@ def poly_mmd(s: Tensor, t: Tensor) -> Tensor:
 def nst_stage_losses(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> list[Tensor]:
     """Squared MMD (paper eq. 6, d = 2, c = 0) per stage pair; C_s may differ from C_t. The
     teacher-teacher term is a constant, kept so the logged value equals the reference's."""
-    losses = []
-    with autocast_off(student_feats[0]):
-        for f_s, f_t in zip(student_feats, teacher_feats, strict=False):
-            f_s, f_t = pool_to_smaller(at_least_fp32(f_s), at_least_fp32(f_t))
-            losses.append(poly_mmd(F.normalize(f_s.flatten(2), dim=2), F.normalize(f_t.flatten(2), dim=2)))
-    return losses
+
+    def term(f_s: Tensor, f_t: Tensor) -> Tensor:
+        return poly_mmd(F.normalize(f_s.flatten(2), dim=2), F.normalize(f_t.flatten(2), dim=2))
+
+    return pooled_pair_terms(student_feats, teacher_feats, term)
 
 
 @register_method("nst")
@@ -75,6 +74,6 @@ class NST(Distiller):
         assert teacher is not None
         cfg = self.cfg
         losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
-        # RD feat[1:-1]: every stage map after the stem.
+        # RepDistiller feat[1:-1]: every stage map after the stem.
         losses["loss_nst"] = cfg.feat_weight * sum(nst_stage_losses(student.feats[1:], teacher.feats[1:]))
         return losses

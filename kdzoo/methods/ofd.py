@@ -1,5 +1,5 @@
 """OFD — Heo et al., "A Comprehensive Overhaul of Feature Distillation", ICCV 2019, arXiv 1904.01866
-(methods.md §8). Reference: mdistiller ``distillers/OFD.py`` (cross-checked against the official
+(docs/methods/ofd.md). Reference: mdistiller ``distillers/OFD.py`` (cross-checked against the official
 clovaai/overhaul-distillation ``distiller.py``). The teacher runs in train mode, as in both: its
 pre-ReLU features use batch statistics and its BatchNorm running statistics move every step."""
 
@@ -13,18 +13,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs, bn_before_relu
+from kdzoo.types import Batch, Progress
 
 
 @dataclass
 class OFDConfig:
-    ce_weight: float = 1.0  # MD configs/cifar100/ofd.yaml OFD.LOSS.CE_WEIGHT 1.0
-    kd_weight: float = 0.0  # MD's OFD adds no KD term
-    feat_weight: float = 1e-3  # MD OFD.LOSS.FEAT_WEIGHT 1e-3 (OD CIFAR: loss.sum()/B/1000); ImageNet 1e-4
-    temperature: float = 4.0  # KD temperature, used only when kd_weight > 0 (RD --kd_T 4)
-    connector_kernel_size: int = 1  # MD OFD.CONNECTOR.KERNEL_SIZE 1
+    ce_weight: float = 1.0  # mdistiller configs/cifar100/ofd.yaml OFD.LOSS.CE_WEIGHT 1.0
+    kd_weight: float = 0.0  # mdistiller's OFD adds no KD term
+    # mdistiller OFD.LOSS.FEAT_WEIGHT 1e-3 (overhaul-distillation CIFAR: loss.sum()/B/1000); ImageNet 1e-4
+    feat_weight: float = 1e-3
+    temperature: float = 4.0  # KD temperature, used only when kd_weight > 0 (RepDistiller --kd_T 4)
+    connector_kernel_size: int = 1  # mdistiller OFD.CONNECTOR.KERNEL_SIZE 1
 
 
 def margin_from_bn(bn: nn.BatchNorm2d) -> Tensor:

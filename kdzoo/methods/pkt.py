@@ -1,5 +1,5 @@
 """PKT — Passalis & Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer",
-ECCV 2018, arXiv 1803.10837 (methods.md §6). Reference: RepDistiller ``distiller_zoo/PKT.py``
+ECCV 2018, arXiv 1803.10837 (docs/methods/pkt.md). Reference: RepDistiller ``distiller_zoo/PKT.py``
 (cosine-similarity kernel, KL divergence between the conditional probability matrices)."""
 
 from __future__ import annotations
@@ -10,20 +10,21 @@ import torch
 from torch import Tensor
 
 from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import at_least_fp32, autocast_off
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, Progress
 
-PKT_EPS = 1e-7  # RD cosine_similarity_loss(eps=0.0000001), in the normalisation and inside the log
+PKT_EPS = 1e-7  # RepDistiller cosine_similarity_loss(eps=0.0000001), in the normalisation and inside the log
 
 
 @dataclass
 class PKTConfig:
-    feat_weight: float = 30000.0  # RD scripts/run_cifar_distill.sh -b 30000 (MD PKT.LOSS.FEAT_WEIGHT 30000)
-    ce_weight: float = 1.0  # RD -r 1 (MD PKT.LOSS.CE_WEIGHT 1)
-    kd_weight: float = 0.0  # RD -a 0
-    temperature: float = 4.0  # RD --kd_T 4, used only when kd_weight > 0
+    # RepDistiller scripts/run_cifar_distill.sh -b 30000 (mdistiller PKT.LOSS.FEAT_WEIGHT 30000)
+    feat_weight: float = 30000.0
+    ce_weight: float = 1.0  # RepDistiller -r 1 (mdistiller PKT.LOSS.CE_WEIGHT 1)
+    kd_weight: float = 0.0  # RepDistiller -a 0
+    temperature: float = 4.0  # RepDistiller --kd_T 4, used only when kd_weight > 0
 
 
 def conditional_probabilities(embedding: Tensor) -> Tensor:

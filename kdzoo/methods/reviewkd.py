@@ -1,5 +1,5 @@
 """ReviewKD — Chen, Liu, Zhao, Jia, "Distilling Knowledge via Knowledge Review", CVPR 2021, arXiv 2104.09044
-(methods.md §17). Reference: mdistiller ``distillers/ReviewKD.py`` (``ReviewKD``, ``ABF``, ``hcl_loss``).
+(docs/methods/reviewkd.md). Reference: mdistiller ``distillers/ReviewKD.py`` (``ReviewKD``, ``ABF``, ``hcl_loss``).
 
 Student levels (the last stages + the pooled vector as a 1x1 map) are fused deep -> shallow by attention-based
 fusion (ABF) modules; every fused output is compared with the teacher's pre-ReLU stage map (or pooled vector)
@@ -18,23 +18,25 @@ from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import at_least_fp32, cross_entropy, warmup_factor
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import FeatureExtractor, Outputs
+from kdzoo.types import Batch, Progress
 
 
 @dataclass
 class ReviewKDConfig:
-    reviewkd_weight: float = 5.0  # MD configs/cifar100/reviewkd.yaml REVIEWKD.REVIEWKD_WEIGHT (cfg.py default 1.0)
-    warmup_epochs: int = 20  # MD REVIEWKD.WARMUP_EPOCHS, 1-based epoch (ImageNet: 1)
-    max_mid_channel: int = 512  # MD ReviewKD.py: mid = min(512, in_channels[-1]) (cfg MAX_MID_CHANNEL is ignored)
-    student_preact: bool = False  # MD REVIEWKD.STU_PREACT (CIFAR False, ImageNet True)
-    ce_weight: float = 1.0  # MD REVIEWKD.CE_WEIGHT
+    # mdistiller configs/cifar100/reviewkd.yaml REVIEWKD.REVIEWKD_WEIGHT (cfg.py default 1.0)
+    reviewkd_weight: float = 5.0
+    warmup_epochs: int = 20  # mdistiller REVIEWKD.WARMUP_EPOCHS, 1-based epoch (ImageNet: 1)
+    # mdistiller ReviewKD.py: mid = min(512, in_channels[-1]) (cfg MAX_MID_CHANNEL is ignored)
+    max_mid_channel: int = 512
+    student_preact: bool = False  # mdistiller REVIEWKD.STU_PREACT (CIFAR False, ImageNet True)
+    ce_weight: float = 1.0  # mdistiller REVIEWKD.CE_WEIGHT
 
 
 class ABF(nn.Module):
-    """MD ``ABF``: 1x1 conv+BN to the mid width, attention fusion with the deeper level's residual (all but
+    """mdistiller ``ABF``: 1x1 conv+BN to the mid width, attention fusion with the deeper level's residual (all but
     the deepest level), 3x3 conv+BN to the teacher's width. Returns (output, residual for the next level)."""
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool):
@@ -56,7 +58,7 @@ class ABF(nn.Module):
         return self.conv2(x), x
 
     def fuse(self, x: Tensor, residual: Tensor) -> Tensor:
-        """MD's attention fusion, ``r = interpolate(residual, x's size, "nearest")``,
+        """mdistiller's attention fusion, ``r = interpolate(residual, x's size, "nearest")``,
         ``w = sigmoid(att_conv(cat([x, r])))``, ``x * w[:, 0:1] + r * w[:, 1:2]``, computed without materialising
         ``r`` or the concatenation (same values up to fp32 summation order; on CPU it had cost more than the convs):
 
@@ -71,7 +73,7 @@ class ABF(nn.Module):
         batch, channels, height, width = x.shape
         r_height, r_width = residual.shape[-2:]
         if not (_exact_nearest_factor(r_height, height) and _exact_nearest_factor(r_width, width)):
-            residual = F.interpolate(residual, size=(height, width), mode="nearest")  # MD's op, materialised
+            residual = F.interpolate(residual, size=(height, width), mode="nearest")  # mdistiller's op, materialised
             r_height, r_width = height, width
         fine = (batch, -1, r_height, height // r_height, r_width, width // r_width)  # x's pixels, grouped by r's
         coarse = (batch, -1, r_height, 1, r_width, 1)
@@ -98,7 +100,7 @@ def _exact_nearest_factor(size_in: int, size_out: int) -> bool:
 
 
 def hcl_terms(student_levels: Sequence[Tensor], teacher_levels: Sequence[Tensor]) -> list[Tensor]:
-    """MD ``hcl_loss`` per level: MSE plus MSEs of 4x4 / 2x2 / 1x1 average pools (those smaller than the map),
+    """mdistiller ``hcl_loss`` per level: MSE plus MSEs of 4x4 / 2x2 / 1x1 average pools (those smaller than the map),
     weighted 1/2, 1/4, 1/8 in order of use, divided by the sum of the weights."""
     terms = []
     for s, t in zip(student_levels, teacher_levels):
@@ -138,7 +140,7 @@ class ReviewKD(Distiller):
     student_taps = ("feats", "pooled")
 
     def build(self) -> None:
-        if self.cfg.student_preact:  # MD's ImageNet recipes read the student's pre-ReLU maps
+        if self.cfg.student_preact:  # mdistiller's ImageNet recipes read the student's pre-ReLU maps
             self.student_extractor.remove()
             self.student_taps = ("preact", "pooled")
             self.student_extractor = FeatureExtractor(self.student, self.student_taps)
@@ -147,18 +149,18 @@ class ReviewKD(Distiller):
         in_channels = [f.shape[1] for f in student_levels]
         mid_channels = min(self.cfg.max_mid_channel, in_channels[-1])
         count = len(in_channels)
-        # Built shallow -> deep as MD does (same RNG draws), stored deepest first (MD's ``abfs[::-1]``).
+        # Built shallow -> deep as mdistiller does (same RNG draws), stored deepest first (mdistiller's ``abfs[::-1]``).
         abfs = [ABF(c_in, mid_channels, t.shape[1], fuse=i < count - 1)
                 for i, (c_in, t) in enumerate(zip(in_channels, teacher_levels))]
         self.abfs = nn.ModuleList(abfs[::-1])
 
     def teacher_levels(self, teacher: Outputs) -> list[Tensor]:
-        """MD: the teacher's pre-ReLU stage maps and its pooled vector."""
+        """mdistiller: the teacher's pre-ReLU stage maps and its pooled vector."""
         assert teacher.pooled is not None
         return _levels(teacher.preact[1:], teacher.pooled)
 
     def student_levels(self, student: Outputs, count: int) -> list[Tensor]:
-        """MD: the student's last ``count`` levels of [stem, stages..., pooled] (its zip drops the rest)."""
+        """mdistiller: the student's last ``count`` levels of [stem, stages..., pooled] (its zip drops the rest)."""
         assert student.pooled is not None
         levels = _levels(student.preact if self.cfg.student_preact else student.feats, student.pooled)
         if len(levels) < count:

@@ -1,5 +1,5 @@
 """RKD — Park, Kim, Lu, Cho, "Relational Knowledge Distillation", CVPR 2019, arXiv 1904.05068
-(methods.md §9). Reference: RepDistiller ``distiller_zoo/RKD.py`` ``RKDLoss(w_d=25, w_a=50)`` on the
+(docs/methods/rkd.md). Reference: RepDistiller ``distiller_zoo/RKD.py`` ``RKDLoss(w_d=25, w_a=50)`` on the
 pooled embeddings (mdistiller's ``rkd_loss`` is identical). The distance and angle terms are logged
 separately; their sum is the reference's ``loss_kd``."""
 
@@ -12,21 +12,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import at_least_fp32, autocast_off
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, Progress
 
 
 @dataclass
 class RKDConfig:
-    distance_weight: float = 25.0  # RD RKDLoss(w_d=25) (MD RKD.DISTANCE_WEIGHT 25; paper lambda_D 1)
-    angle_weight: float = 50.0  # RD RKDLoss(w_a=50) (MD RKD.ANGLE_WEIGHT 50; paper lambda_A 2)
-    feat_weight: float = 1.0  # RD scripts/run_cifar_distill.sh -b 1 (MD RKD.LOSS.FEAT_WEIGHT 1)
-    ce_weight: float = 1.0  # RD -r 1 (MD RKD.LOSS.CE_WEIGHT 1)
-    kd_weight: float = 0.0  # RD -a 0
-    temperature: float = 4.0  # RD --kd_T 4, used only when kd_weight > 0
-    pdist_eps: float = 1e-12  # RD RKDLoss.pdist eps (MD RKD.PDIST.EPSILON 1e-12)
+    distance_weight: float = 25.0  # RepDistiller RKDLoss(w_d=25) (mdistiller RKD.DISTANCE_WEIGHT 25; paper lambda_D 1)
+    angle_weight: float = 50.0  # RepDistiller RKDLoss(w_a=50) (mdistiller RKD.ANGLE_WEIGHT 50; paper lambda_A 2)
+    feat_weight: float = 1.0  # RepDistiller scripts/run_cifar_distill.sh -b 1 (mdistiller RKD.LOSS.FEAT_WEIGHT 1)
+    ce_weight: float = 1.0  # RepDistiller -r 1 (mdistiller RKD.LOSS.CE_WEIGHT 1)
+    kd_weight: float = 0.0  # RepDistiller -a 0
+    temperature: float = 4.0  # RepDistiller --kd_T 4, used only when kd_weight > 0
+    pdist_eps: float = 1e-12  # RepDistiller RKDLoss.pdist eps (mdistiller RKD.PDIST.EPSILON 1e-12)
 
 
 def normalized_distances(embedding: Tensor, eps: float) -> Tensor:

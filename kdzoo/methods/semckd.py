@@ -1,5 +1,5 @@
 """SemCKD — Chen et al., "Cross-Layer Distillation with Semantic Calibration", AAAI 2021, arXiv 2012.03236
-(methods.md §21). Reference: DefangChen/SimKD ``models/util.py SelfA/MLPEmbed/Proj``,
+(docs/methods/semckd.md). Reference: DefangChen/SimKD ``models/util.py SelfA/MLPEmbed/Proj``,
 ``distiller_zoo/SemCKD.py SemCKDLoss`` and ``helper/loops.py`` (branch ``semckd``, plus CE + KD(T=4)).
 
 Every student stage attends over every teacher stage. The attention logits come from per-stage MLP embeddings
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Distiller
 from kdzoo.methods.losses import at_least_fp32, ce_and_kd
+from kdzoo.methods.projectors import bottleneck_projector
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
 from kdzoo.types import Batch, Progress
@@ -27,16 +28,16 @@ from kdzoo.types import Batch, Progress
 
 @dataclass
 class SemCKDConfig:
-    semckd_weight: float = 400.0  # SK scripts/run_distill.sh -b 400
-    ce_weight: float = 1.0  # SK -c 1
-    kd_weight: float = 1.0  # SK -d 1
-    temperature: float = 4.0  # SK --kd_T 4
-    attention_temperature: float = 1.0  # SK train_student.py -s/--soft 1.0 (energy is divided by it)
-    embed_factor: int = 4  # SK SelfA(factor=4): MLP output width = batch_size // 4
+    semckd_weight: float = 400.0  # SimKD scripts/run_distill.sh -b 400
+    ce_weight: float = 1.0  # SimKD -c 1
+    kd_weight: float = 1.0  # SimKD -d 1
+    temperature: float = 4.0  # SimKD --kd_T 4
+    attention_temperature: float = 1.0  # SimKD train_student.py -s/--soft 1.0 (energy is divided by it)
+    embed_factor: int = 4  # SimKD SelfA(factor=4): MLP output width = batch_size // 4
 
 
 class GramEmbedding(nn.Module):
-    """SK ``MLPEmbed``: Linear(B, 2d) - ReLU - Linear(2d, d) - L2 normalisation. The reference's unused
+    """SimKD ``MLPEmbed``: Linear(B, 2d) - ReLU - Linear(2d, d) - L2 normalisation. The reference's unused
     ``regressor`` Sequential (never called, never gets a gradient) is left out."""
 
     def __init__(self, dim_in: int, dim_out: int):
@@ -46,25 +47,11 @@ class GramEmbedding(nn.Module):
 
     def forward(self, gram: Tensor) -> Tensor:
         out = self.linear2(F.relu(self.linear1(gram)))
-        return out / out.norm(dim=1, keepdim=True)  # SK ``Normalize``: no epsilon
-
-
-def projection_head(in_channels: int, out_channels: int) -> nn.Sequential:
-    """SK ``Proj``: 1x1 (C_s -> 2C_t) - BN - ReLU - 3x3 (2C_t -> 2C_t) - BN - ReLU - 1x1 (2C_t -> C_t), no bias."""
-    mid = 2 * out_channels
-    return nn.Sequential(
-        nn.Conv2d(in_channels, mid, kernel_size=1, bias=False),
-        nn.BatchNorm2d(mid),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(mid, mid, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(mid),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(mid, out_channels, kernel_size=1, bias=False),
-    )
+        return out / out.norm(dim=1, keepdim=True)  # SimKD ``Normalize``: no epsilon
 
 
 def batch_gram(feature_map: Tensor) -> Tensor:
-    """[B, B] inner products of the flattened per-sample maps, in fp32 (methods.md §0.6.3)."""
+    """[B, B] inner products of the flattened per-sample maps, in fp32 (docs/design.md)."""
     flat = at_least_fp32(feature_map.flatten(1))
     return flat @ flat.t()
 
@@ -87,14 +74,16 @@ class SemCKD(Distiller):
         if embed_dim < 1:
             raise UserInputError(f"semckd: data.batch_size {self.batch_size} is smaller than method.embed_factor "
                                  f"{cfg.embed_factor}")
-        # Registration order = SK SelfA's: queries, keys, then the (student i, teacher j) heads row by row.
+        # Registration order = SimKD SelfA's: queries, keys, then the (student i, teacher j) heads row by row.
         self.queries = nn.ModuleList(GramEmbedding(self.batch_size, embed_dim) for _ in s_channels)
         self.keys = nn.ModuleList(GramEmbedding(self.batch_size, embed_dim) for _ in t_channels)
-        self.projections = nn.ModuleList(projection_head(c_s, c_t) for c_s in s_channels for c_t in t_channels)
+        # SimKD repository's ``Proj``: bottleneck width 2 C_t, no BN + ReLU after the last conv.
+        self.projections = nn.ModuleList(bottleneck_projector(c_s, 2 * c_t, c_t, final_bn_relu=False)
+                                         for c_s in s_channels for c_t in t_channels)
 
     def attention(self, s_maps: list[Tensor], t_maps: list[Tensor]) -> Tensor:
         """[B, n_s, n_t] softmax over teacher stages of query_i . key_j. Runs in fp32 with autocast off: Gram
-        entries are sums over C*H*W products and overflow fp16 (methods.md §0.6.3)."""
+        entries are sums over C*H*W products and overflow fp16 (docs/design.md)."""
         with torch.autocast(s_maps[0].device.type, enabled=False):
             # query [B, n_s, d], key [B, d, n_t]
             query = torch.stack([q(batch_gram(f)) for q, f in zip(self.queries, s_maps, strict=True)], dim=1)
@@ -115,7 +104,7 @@ class SemCKD(Distiller):
 
         attention = self.attention(s_maps, t_maps)
 
-        # SK pools whichever map of a pair is larger down to the other's size; pool each map once per size.
+        # SimKD pools whichever map of a pair is larger down to the other's size; pool each map once per size.
         pooled: dict[tuple[str, int, tuple[int, int]], Tensor] = {}
 
         def resized(side: str, index: int, fmap: Tensor, size: tuple[int, int]) -> Tensor:

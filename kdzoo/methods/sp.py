@@ -1,6 +1,6 @@
 """SP — Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019, arXiv 1907.09682
-(methods.md §11). Reference: RepDistiller ``distiller_zoo/SP.py`` ``Similarity`` on the last stage map
-(RD ``feat[-2]``); mdistiller's ``sp_loss`` is identical."""
+(docs/methods/sp.md). Reference: RepDistiller ``distiller_zoo/SP.py`` ``Similarity`` on the last stage map
+(RepDistiller ``feat[-2]``); mdistiller's ``sp_loss`` is identical."""
 
 from __future__ import annotations
 
@@ -10,18 +10,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import at_least_fp32, autocast_off
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, Progress
 
 
 @dataclass
 class SPConfig:
-    feat_weight: float = 3000.0  # RD scripts/run_cifar_distill.sh -b 3000 (MD SP.LOSS.FEAT_WEIGHT 3000)
-    ce_weight: float = 1.0  # RD -r 1 (MD SP.LOSS.CE_WEIGHT 1)
-    kd_weight: float = 0.0  # RD -a 0 (SK -d 1 adds KD)
-    temperature: float = 4.0  # RD --kd_T 4, used only when kd_weight > 0
+    # RepDistiller scripts/run_cifar_distill.sh -b 3000 (mdistiller SP.LOSS.FEAT_WEIGHT 3000)
+    feat_weight: float = 3000.0
+    ce_weight: float = 1.0  # RepDistiller -r 1 (mdistiller SP.LOSS.CE_WEIGHT 1)
+    kd_weight: float = 0.0  # RepDistiller -a 0 (SimKD -d 1 adds KD)
+    temperature: float = 4.0  # RepDistiller --kd_T 4, used only when kd_weight > 0
 
 
 def similarity_matrix(feature_map: Tensor) -> Tensor:

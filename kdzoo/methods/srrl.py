@@ -1,5 +1,5 @@
 """SRRL — Yang, Martinez, Bulat, Tzimiropoulos, "Knowledge Distillation via Softmax Regression Representation
-Learning", ICLR 2021 (OpenReview ZzwDy_wiWv) (methods.md §22). Reference: DefangChen/SimKD ``models/util.py SRRL``
+Learning", ICLR 2021 (OpenReview ZzwDy_wiWv) (docs/methods/srrl.md). Reference: DefangChen/SimKD ``models/util.py SRRL``
 and ``helper/loops.py train_distill`` (branch ``srrl``), which adds CE + KD(T=4) with weight 1 each.
 
 A connector maps the student's pooled embedding to the teacher's width; it is regressed onto the teacher's
@@ -15,18 +15,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.methods.base import Distiller, find_classifier
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import at_least_fp32
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, Progress
 
 
 @dataclass
 class SRRLConfig:
-    srrl_weight: float = 1.0  # SK scripts/run_distill.sh -b 1 (scales both regression terms, as SK's loss_kd)
-    ce_weight: float = 1.0  # SK -c 1
-    kd_weight: float = 1.0  # SK -d 1
-    temperature: float = 4.0  # SK --kd_T 4
+    srrl_weight: float = 1.0  # SimKD scripts/run_distill.sh -b 1 (scales both regression terms, as SimKD's loss_kd)
+    ce_weight: float = 1.0  # SimKD -c 1
+    kd_weight: float = 1.0  # SimKD -d 1
+    temperature: float = 4.0  # SimKD --kd_T 4
 
 
 @register_method("srrl")
@@ -42,7 +42,7 @@ class SRRL(Distiller):
         object.__setattr__(self, "_teacher_classifier", teacher_classifier)
         s_dim = self.probe_student().pooled.shape[1]
         t_dim = self.probe_teacher().pooled.shape[1]
-        # SK applies a 1x1 conv + BN2d + ReLU to the embedding viewed as [B, C, 1, 1] (== Linear + BN1d + ReLU);
+        # SimKD applies a 1x1 conv + BN2d + ReLU to the embedding viewed as [B, C, 1, 1] (== Linear + BN1d + ReLU);
         # kept as convolutions so the reference state_dict loads unchanged.
         self.connector = nn.Sequential(
             nn.Conv2d(s_dim, t_dim, kernel_size=1, bias=False),

@@ -1,4 +1,4 @@
-"""Cross-entropy baseline (methods.md §1): no teacher. Also the teacher-training method."""
+"""Cross-entropy baseline (docs/methods/vanilla.md): no teacher. Also the teacher-training method."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.losses import cross_entropy
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, Progress
 
 
 @dataclass
 class VanillaConfig:
-    ce_weight: float = 1.0  # RD train_teacher.py / MD Vanilla: plain CE
+    ce_weight: float = 1.0  # RepDistiller train_teacher.py / mdistiller Vanilla: plain CE
 
 
 @register_method("vanilla")

@@ -1,5 +1,5 @@
 """VID — Ahn et al., "Variational Information Distillation for Knowledge Transfer", CVPR 2019,
-arXiv 1904.05835 (methods.md §10). Reference: RepDistiller ``distiller_zoo/VID.py`` (``VIDLoss``) as
+arXiv 1904.05835 (docs/methods/vid.md). Reference: RepDistiller ``distiller_zoo/VID.py`` (``VIDLoss``) as
 wired in ``train_student.py`` / ``helper/loops.py``. RepDistiller trains the per-channel variance
 parameter (it is in the optimiser, with weight decay); mdistiller never registers it, so σ² stays 5
 there. We follow RepDistiller."""
@@ -14,19 +14,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, Progress
+from kdzoo.methods.losses import align_spatial
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
+from kdzoo.types import Batch, Progress
 
 
 @dataclass
 class VIDConfig:
-    ce_weight: float = 1.0  # RD scripts/run_cifar_distill.sh -r 1
-    kd_weight: float = 0.0  # RD -a 0 (SimKD's VID row adds KD with weight 1)
-    feat_weight: float = 1.0  # RD -b 1 (MD VID.LOSS.FEAT_WEIGHT 1.0)
-    temperature: float = 4.0  # RD --kd_T 4; used only when kd_weight > 0
-    init_pred_var: float = 5.0  # RD VIDLoss(init_pred_var=5.0) (MD VID.INIT_PRED_VAR 5.0)
-    eps: float = 1e-5  # RD VIDLoss(eps=1e-5) (MD VID.EPS 1e-5)
+    ce_weight: float = 1.0  # RepDistiller scripts/run_cifar_distill.sh -r 1
+    kd_weight: float = 0.0  # RepDistiller -a 0 (SimKD's VID row adds KD with weight 1)
+    feat_weight: float = 1.0  # RepDistiller -b 1 (mdistiller VID.LOSS.FEAT_WEIGHT 1.0)
+    temperature: float = 4.0  # RepDistiller --kd_T 4; used only when kd_weight > 0
+    init_pred_var: float = 5.0  # RepDistiller VIDLoss(init_pred_var=5.0) (mdistiller VID.INIT_PRED_VAR 5.0)
+    eps: float = 1e-5  # RepDistiller VIDLoss(eps=1e-5) (mdistiller VID.EPS 1e-5)
 
 
 class VIDStage(nn.Module):
@@ -49,11 +50,7 @@ class VIDStage(nn.Module):
 
     def forward(self, student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
         # Pool the larger map to the smaller one (RepDistiller pools to a square of the smaller height).
-        if student_feat.shape[-2:] != teacher_feat.shape[-2:]:
-            if student_feat.shape[-2] > teacher_feat.shape[-2]:
-                student_feat = F.adaptive_avg_pool2d(student_feat, teacher_feat.shape[-2:])
-            else:
-                teacher_feat = F.adaptive_avg_pool2d(teacher_feat, student_feat.shape[-2:])
+        student_feat, teacher_feat = align_spatial(student_feat, teacher_feat)
         pred_mean = self.regressor(student_feat).float()
         pred_var = (F.softplus(self.log_scale.float()) + self.eps).view(1, -1, 1, 1)
         # mean_{b,c,h,w} ½[(μ - t)²/σ²_c + log σ²_c]; the log term is constant over b,h,w, so its

@@ -1,6 +1,6 @@
 """torchvision and timm models in the zoo: ``timm:<name>`` / ``torchvision:<name>`` and their feature taps.
 
-The tap positions follow models.md §5.2 ("Foreign models"):
+The tap positions follow docs/models.md ("Foreign models"):
 
 * torchvision ResNets: stem = out(``relu``) (the stem's own module; blocks have their own), stages =
   out(``layerK``), pre = in(``layerK[-1].relu``) on its last call in the block (2nd call in a

@@ -6,7 +6,7 @@ the spec into forward hooks, registered once and only for the tap groups a calle
 model whose features nobody needs pays nothing. Model code stays a plain ``forward(x) -> logits``.
 
 Why hooks and not an ``is_feat`` flag: the same mechanism then works for foreign models, and a tap
-can never re-run a module (methods.md §0.6: re-invoking a BatchNorm in train mode moves its running
+can never re-run a module (docs/design.md: re-invoking a BatchNorm in train mode moves its running
 statistics a second time, the mdistiller WRN bug).
 """
 
@@ -44,7 +44,7 @@ class Tap:
 
 @dataclass(frozen=True)
 class TapSpec:
-    """Ordered taps of one model family (methods.md §0.1)."""
+    """Ordered taps of one model family (docs/models.md)."""
 
     stem: Tap
     stages: tuple[Tap, ...]
@@ -260,7 +260,7 @@ def probe_shapes(
     """One dry run on a zero batch of 2 in eval mode; restores the training flag afterwards.
 
     Eval mode so that probing never moves BatchNorm running statistics (mdistiller's FitNet/VID
-    probe does, methods.md §0.6.1).
+    probe does, docs/design.md).
     """
     was_training = model.training
     model.eval()

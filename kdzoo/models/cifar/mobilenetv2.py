@@ -11,12 +11,10 @@ The family has no pre-activation taps; ``preact`` repeats ``feats`` (RepDistille
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from kdzoo.models.cifar.common import check_input_size
+from kdzoo.models.cifar.common import check_input_size, init_normal_fan_out
 from kdzoo.models.registry import register_model
 from kdzoo.models.taps import Tap, TapSpec
 
@@ -87,18 +85,7 @@ class MobileNetV2(nn.Module):
         self.conv2 = _conv_bn_relu(input_channel, self.last_channel, 1, 1)
         self.avgpool = nn.AvgPool2d(input_size // 16, ceil_mode=True)  # fixed at construction (reference)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        init_normal_fan_out(self, linear_weight_std=0.01, zero_linear_bias=True)
         self.tap_spec = TapSpec(
             stem=Tap("conv1"),
             stages=tuple(Tap(f"blocks.{i}") for i in _STAGE_BLOCKS),

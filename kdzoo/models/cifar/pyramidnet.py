@@ -14,13 +14,11 @@ non-in-place module, so the pre-activation taps are plain BN outputs:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdzoo.models.cifar.common import check_input_size
+from kdzoo.models.cifar.common import check_input_size, init_normal_fan_out
 from kdzoo.models.registry import register_model
 from kdzoo.models.taps import Tap, TapSpec
 
@@ -102,13 +100,7 @@ class PyramidNet(nn.Module):
         self.relu_final = nn.ReLU(inplace=False)  # its input is the last pre-activation tap
         self.avgpool = nn.AvgPool2d(8)
         self.fc = nn.Linear(self.final_featuremap_dim, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
+        init_normal_fan_out(self, linear_weight_std=None, zero_linear_bias=False)  # official: fc left at PyTorch's init
         pre_bn = "bn2" if bottleneck else "bn1"
         pre = (f"layer2.0.{pre_bn}", f"layer3.0.{pre_bn}", "bn_final")
         self.tap_spec = TapSpec(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kdzoo.models.cifar.common import check_input_size
+from kdzoo.models.cifar.common import check_input_size, init_kaiming_fan_out
 from kdzoo.models.registry import register_model
 from kdzoo.models.taps import Tap, TapSpec
 
@@ -56,12 +56,7 @@ class CifarResNet(nn.Module):
         self.layer3 = self._make_layer(num_filters[3], n, stride=2)
         self.avgpool = nn.AvgPool2d(8)  # fixed, as the reference: only 32x32 inputs are valid
         self.fc = nn.Linear(num_filters[3] * BasicBlock.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_kaiming_fan_out(self)
         self.tap_spec = TapSpec(
             stem=Tap("relu"),
             stages=tuple(Tap(f"layer{i}") for i in (1, 2, 3)),

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdzoo.models.cifar.common import check_4d
+from kdzoo.models.cifar.common import check_4d, init_kaiming_fan_out
 from kdzoo.models.registry import register_model
 from kdzoo.models.taps import Tap, TapSpec
 
@@ -85,12 +85,7 @@ class ResNetV2(nn.Module):
         self.layer4 = self._make_layer(block, 512, num_blocks[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(512 * block.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_kaiming_fan_out(self)
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, (BasicBlockV2, BottleneckV2)):

@@ -9,12 +9,10 @@ reference (at 32x32 blocks 3 and 4 both run at 4x4).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from kdzoo.models.cifar.common import check_input_size
+from kdzoo.models.cifar.common import check_input_size, init_normal_fan_out
 from kdzoo.models.registry import register_model
 from kdzoo.models.taps import Tap, TapSpec
 
@@ -54,18 +52,7 @@ class VGG(nn.Module):
         self.classifier = nn.Linear(512, num_classes)
         for i in range(5):
             self.add_module(f"act{i}", nn.ReLU(inplace=False))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        init_normal_fan_out(self, linear_weight_std=0.01, zero_linear_bias=True)
         self.tap_spec = TapSpec(
             stem=Tap("act0"),
             stages=tuple(Tap(f"act{i}") for i in (1, 2, 3, 4)),

@@ -8,13 +8,11 @@ output and the final ``bn1`` output, each evaluated once) are not overwritten af
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdzoo.models.cifar.common import check_input_size
+from kdzoo.models.cifar.common import check_input_size, init_normal_fan_out
 from kdzoo.models.registry import register_model
 from kdzoo.models.taps import Tap, TapSpec
 
@@ -77,15 +75,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=False)  # its input (bn1's output) is the last pre-activation tap
         self.fc = nn.Linear(channels[3], num_classes)
         self.num_channels = channels[3]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.bias.data.zero_()
+        init_normal_fan_out(self, linear_weight_std=None, zero_linear_bias=True)  # RepDistiller zeroes only the fc bias
         pre_bns = ("block2.layer.0.bn1", "block3.layer.0.bn1", "bn1")
         self.tap_spec = TapSpec(
             stem=Tap("conv1"),

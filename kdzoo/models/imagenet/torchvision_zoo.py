@@ -1,7 +1,7 @@
 """torchvision's ImageNet ResNets and MobileNetV2 under kdzoo names (random init, ``weights=None``).
 
-mdistiller's ImageNet ResNets have exactly torchvision's keys, order and shapes (models.md §2.1), so
-these also load mdistiller / torchvision ImageNet checkpoints strictly. Taps: models.md §5.2.
+mdistiller's ImageNet ResNets have exactly torchvision's keys, order and shapes (docs/models.md), so
+these also load mdistiller / torchvision ImageNet checkpoints strictly. Taps: docs/models.md
 """
 
 from __future__ import annotations
