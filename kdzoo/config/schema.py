@@ -93,6 +93,15 @@ class RuntimeConfig:
 
 
 @dataclass
+class PublishedResult:
+    """The result a recipe reproduces, as its source reports it (a report compares a run against it)."""
+
+    top1: float | None = None
+    top5: float | None = None
+    source: str | None = None  # e.g. "mdistiller README", "DKD paper Table 1"
+
+
+@dataclass
 class Config:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -103,3 +112,4 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    published: PublishedResult = field(default_factory=PublishedResult)

@@ -9,6 +9,7 @@ checkpoint itself and continues.
 from __future__ import annotations
 
 import os
+import signal
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,13 @@ def run_training(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             trainer.load(resume_from)
         try:
             return trainer.fit()
-        except TrainingStopped:
-            if world_size > 1:  # leave together: a process tearing down gloo under a live peer can abort it
+        except TrainingStopped as stopped:
+            if world_size > 1:
+                # Leave together: a process tearing down gloo under a live peer can abort it. The first to
+                # leave makes torchrun SIGTERM the others, which have checkpointed already and are past
+                # their handler: they ignore it and exit with their own 128 + signal.
+                for signum in {stopped.signum, signal.SIGTERM}:
+                    signal.signal(signum, signal.SIG_IGN)
                 dist.barrier()
             raise
     finally:

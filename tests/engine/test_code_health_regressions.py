@@ -24,7 +24,7 @@ from kdzoo.data.datasets import build_data
 from kdzoo.engine.setup import prepare_run
 from kdzoo.engine.trainer import Trainer
 from kdzoo.errors import UserInputError
-from kdzoo.types import Progress
+from kdzoo.types import Batch, Progress
 
 
 def _teacher_file(tmp_path: Path, arch: str = "resnet8", classes: int = 10) -> str:
@@ -210,3 +210,28 @@ def test_semckd_batch_width_comes_from_data_batch_size(tmp_path):
 def test_semckd_method_batch_size_is_no_longer_a_key(tmp_path, capsys):
     raw = _raw(tmp_path, {"name": "semckd", "batch_size": 64})
     _train_exits_2(tmp_path, capsys, raw, "unknown config key 'method (semckd).batch_size'")
+
+
+# ---- batch contract: CRD's negatives under every reference's keyword ------------------------------------------
+
+
+@pytest.mark.parametrize("keyword", ["contrast_index", "contrastive_index", "contrast_idx"])
+def test_forward_train_takes_crd_negatives_under_each_references_name(keyword):
+    def crd() -> kdzoo.methods.Distiller:
+        torch.manual_seed(0)
+        teacher, student = kdzoo.create_model("resnet8", num_classes=10), kdzoo.create_model("resnet8", num_classes=10)
+        return kdzoo.create_distiller("crd", teacher=teacher, student=student, num_data=32, nce_k=4)
+
+    distiller, reference = crd(), crd()
+    images, target, index = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 5, 9, 31])
+    negatives = torch.stack([index, *torch.randint(0, 32, (4, 4)).T], dim=1)  # column 0 = the positive
+    _, expected = reference.training_step(Batch(images, target, index, contrast_index=negatives), Progress())
+    _, losses = distiller.forward_train(image=images, target=target, index=index, **{keyword: negatives})
+    torch.testing.assert_close(losses["loss_crd"], expected["loss_crd"], rtol=0, atol=0)
+
+
+def test_forward_train_rejects_an_unknown_batch_keyword():
+    teacher, student = kdzoo.create_model("resnet8"), kdzoo.create_model("resnet8")
+    distiller = kdzoo.create_distiller("kd", teacher=teacher, student=student)
+    with pytest.raises(TypeError, match=r"unexpected keywords \['view'\]"):
+        distiller.forward_train(image=torch.randn(2, 3, 32, 32), target=torch.tensor([0, 1]), view=None)

@@ -10,7 +10,10 @@ from kdzoo.demo import run_demo
 from kdzoo.plot import read_metrics
 
 
+# Four trainings in this process, with no deadline of their own: ~10 min on a 2-core machine that runs two
+# other busy processes, too close to the project-wide 900 s. The limit only catches a hang.
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_demo_trains_teacher_and_three_students_and_plots_them(tmp_path, capsys):
     rows = run_demo(str(tmp_path), epochs=1, teacher_epochs=1)
     assert [r["run"] for r in rows] == ["teacher resnet20", "student resnet8", "KD resnet8", "DKD resnet8"]

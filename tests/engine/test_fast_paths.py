@@ -8,8 +8,8 @@ import torch
 
 import kdzoo
 from kdzoo.engine.runtime import autocast
-from kdzoo.types import Batch, Progress
 from kdzoo.models.taps import compile_model
+from kdzoo.types import Batch, Progress
 from tests.methods.golden_step import build_pair
 
 METHODS = ["kd", "dkd", "fitnet", "at", "crd", "reviewkd", "catkd"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,10 +44,18 @@ def _student_weights(run_dir: str, file: str = "student_last.pt") -> dict[str, t
     return checkpoint_io.load_verified(Path(run_dir) / file)["model"]
 
 
-def _metrics(run_dir: str) -> list[str]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    # Wall-clock time is the one field that legitimately differs between runs.
-    return [line.split(', "epoch_time_s"')[0] + line.split(', "epoch_time_s"')[1].split(",", 1)[1] for line in lines]
+def _records(run_dir: str | Path) -> list[dict]:
+    """The records of ``metrics.jsonl``, one JSON object a line."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _metrics(run_dir: str | Path) -> list[dict]:
+    """The records without ``epoch_time_s``: wall-clock time is the one field that legitimately differs between
+    runs."""
+    records = _records(run_dir)
+    for record in records:
+        assert record.pop("epoch_time_s") >= 0
+    return records
 
 
 @pytest.mark.parametrize("method", ["kd", "dot"])
@@ -60,7 +69,7 @@ def test_fp16_autocast_trains_through_the_grad_scaler(tmp_path, method):
         if optim:
             cfg.optim.name = "dot"
         summary = run_training(cfg)
-        record = eval((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1].replace("true", "True"))
+        record = _records(summary["run_dir"])[-1]
         losses[amp] = (record["train/loss_ce"], record["train/loss_kd"])
         state = checkpoint_io.load_verified(checkpoint_io.list_checkpoints(Path(summary["run_dir"]))[-1].path)["scaler"]
         assert (state.get("scale", 0.0) > 1.0) == amp  # enabled only under fp16 (initial scale 2^16)
@@ -71,7 +80,7 @@ def test_fp16_autocast_trains_through_the_grad_scaler(tmp_path, method):
 def test_kd_run_records_metrics_and_exports(tmp_path):
     summary = run_training(_cfg(tmp_path, "kd", {"name": "kd"}))
     run_dir = Path(summary["run_dir"])
-    records = [eval(line.replace("true", "True")) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = _records(run_dir)
     assert [r["epoch"] for r in records] == [1, 2]
     assert [r["lr"] for r in records] == pytest.approx([0.05, 0.005])  # decay after milestone epoch 1
     assert {"train/loss_ce", "train/loss_kd", "top1", "top5", "loss"} <= set(records[0])
@@ -83,7 +92,7 @@ def test_kd_run_records_metrics_and_exports(tmp_path):
 
 
 @pytest.mark.parametrize("kill_at", [3, 6, 9])
-def test_resume_is_bit_exact(tmp_path, kill_at):
+def test_resume_is_bit_exact(tmp_path, monkeypatch, kill_at):
     """Stop after ``kill_at`` steps (mid-epoch, at an epoch boundary, late), resume, compare."""
     reference = run_training(_cfg(tmp_path / "a", "r", {"name": "kd"}, checkpoint_interval=3))
 
@@ -99,12 +108,9 @@ def test_resume_is_bit_exact(tmp_path, kill_at):
         calls["n"] += 1
         return original(self, batch, progress)
 
-    trainer_module.Trainer.train_step = crashing_step
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_training(cfg)
-    finally:
-        trainer_module.Trainer.train_step = original
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(trainer_module.Trainer, "train_step", crashing_step)
+        run_training(cfg)
     resumed = run_training(cfg, resume="auto")
     for name, value in _student_weights(reference["run_dir"]).items():
         assert torch.equal(value, _student_weights(resumed["run_dir"])[name]), name
@@ -132,7 +138,7 @@ def test_nonfinite_loss_stops_with_named_term(tmp_path):
         run_training(cfg)
 
 
-def test_teacher_that_changes_is_caught(tmp_path):
+def test_teacher_that_changes_is_caught(tmp_path, monkeypatch):
     from kdzoo.engine.trainer import TeacherChangedError
     from kdzoo.methods.kd import KD
 
@@ -143,16 +149,13 @@ def test_teacher_that_changes_is_caught(tmp_path):
             self.teacher.fc.bias.add_(1e-3)  # a method bug that writes into the teacher
         return original(self, student, teacher, batch, progress)
 
-    KD.compute_losses = tampering
-    try:
-        with pytest.raises(TeacherChangedError, match=r"fc.bias"):
-            run_training(_cfg(tmp_path, "tamper", {"name": "kd"}, epochs=1))
-    finally:
-        KD.compute_losses = original
+    monkeypatch.setattr(KD, "compute_losses", tampering)
+    with pytest.raises(TeacherChangedError, match=r"fc.bias"):
+        run_training(_cfg(tmp_path, "tamper", {"name": "kd"}, epochs=1))
     assert not checkpoint_io.list_checkpoints(tmp_path / "runs" / "tamper")
 
 
-def test_nonfinite_skip_mode_skips_the_bad_step_and_finishes(tmp_path):
+def test_nonfinite_skip_mode_skips_the_bad_step_and_finishes(tmp_path, monkeypatch):
     from kdzoo.methods.kd import KD
 
     original = KD.compute_losses
@@ -165,11 +168,8 @@ def test_nonfinite_skip_mode_skips_the_bad_step_and_finishes(tmp_path):
             losses["loss_kd"] = losses["loss_kd"] * float("nan")
         return losses
 
-    KD.compute_losses = poisoned
-    try:
-        summary = run_training(_cfg(tmp_path, "skip", {"name": "kd"}, epochs=1, nonfinite="skip"))
-    finally:
-        KD.compute_losses = original
+    monkeypatch.setattr(KD, "compute_losses", poisoned)
+    summary = run_training(_cfg(tmp_path, "skip", {"name": "kd"}, epochs=1, nonfinite="skip"))
     weights = _student_weights(summary["run_dir"])
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
     assert summary["last_top1"] is not None
@@ -207,7 +207,7 @@ def test_wandb_is_opt_in_and_gets_every_epoch_record(tmp_path, monkeypatch):
     run_id = (run_dir / "wandb_id").read_text()
     assert init["project"] == "proj" and init["id"] == run_id and init["resume"] == "allow"
     assert init["config"]["method"] == {"name": "kd"} and init["config"]["runtime"]["wandb"] is True
-    records = [eval(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = _records(run_dir)
     assert [step for step, _ in fake.logs] == [r["step"] for r in records] == [6, 12]
     for (_, sent), record in zip(fake.logs, records, strict=True):
         assert sent["top1"] == record["top1"] and sent["train/loss_kd"] == record["train/loss_kd"]

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import kdzoo
 from kdzoo.errors import UserInputError
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.catkd import linear_classifier
+from kdzoo.types import Batch, Progress
 
 
 def _pair(teacher="resnet32x4", student="resnet8x4", seed=0):

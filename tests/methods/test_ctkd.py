@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import kdzoo
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.ctkd import cosine_grl_scale
 from kdzoo.models.taps import Outputs
-from tests.methods.test_dist import HETEROGENEOUS_PAIRS, STUDENT_LOGITS, TARGETS, TEACHER_LOGITS, train_one_step
+from kdzoo.types import Batch, Progress
+from tests.methods.one_step import HETEROGENEOUS_PAIRS, STUDENT_LOGITS, TARGETS, TEACHER_LOGITS, train_one_step
 
 # Logits of a trained network's scale: at tau ~ 15.6 the small example logits would give near-uniform
 # distributions whose KL (and its tau-derivative) fp32 resolves only to ~1e-3.

@@ -1,48 +1,18 @@
 """DIST (methods.md §25) against its equations worked out with explicit float64 loops, plus one training step on
-resnet32x4 -> resnet8x4 and the heterogeneous pairs. ``train_one_step`` is shared by the other §25 tests."""
+resnet32x4 -> resnet8x4 and the heterogeneous pairs."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 import torch
 
 import kdzoo
-from kdzoo.methods.base import Distiller
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.dist import dist_terms
 from kdzoo.models.taps import Outputs
-
-HETEROGENEOUS_PAIRS = [("vgg13", "vgg8"), ("wrn_40_2", "wrn_16_2"), ("resnet32x4", "ShuffleV2")]
-
-# 3 samples x 4 classes.
-STUDENT_LOGITS = [[1.0, -0.5, 2.0, 0.3], [0.2, 0.1, -1.0, 1.5], [-2.0, 0.7, 0.4, 0.0]]
-TEACHER_LOGITS = [[3.0, -1.0, 1.0, 0.0], [0.5, 0.0, -2.0, 2.5], [-1.0, 2.0, 0.5, -0.5]]
-TARGETS = [2, 3, 1]
-
-
-def train_one_step(method: str, teacher_name: str = "resnet32x4", student_name: str = "resnet8x4",
-                   batch_size: int = 4, epoch: int = 1, **hparams: Any) -> tuple[Distiller, dict[str, torch.Tensor]]:
-    """One forward + backward; asserts finite scalar losses, a finite non-zero gradient on every student
-    parameter and none on the teacher."""
-    names = {e.name for e in kdzoo.models.list_models()}
-    if not {teacher_name, student_name} <= names:
-        pytest.skip("model zoo not ready")
-    torch.manual_seed(0)
-    teacher, student = kdzoo.create_model(teacher_name), kdzoo.create_model(student_name)
-    distiller = kdzoo.create_distiller(method, teacher=teacher, student=student, **hparams)
-    distiller.train()
-    images, labels = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 100, (batch_size,))
-    _, losses = distiller.training_step(Batch(images, labels), Progress(epoch=epoch))
-    for name, value in losses.items():
-        assert value.dim() == 0 and torch.isfinite(value), (name, value)
-    sum(losses.values()).backward()
-    for name, p in distiller.student.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-    assert all(p.grad is None for p in teacher.parameters())
-    return distiller, losses
+from kdzoo.types import Batch, Progress
+from tests.methods.one_step import HETEROGENEOUS_PAIRS, STUDENT_LOGITS, TARGETS, TEACHER_LOGITS, train_one_step
 
 
 def softmax_rows(rows: list[list[float]], tau: float) -> list[list[float]]:

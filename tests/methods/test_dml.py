@@ -8,8 +8,8 @@ import torch
 
 import kdzoo
 from kdzoo.errors import UserInputError
-from kdzoo.types import Batch, Progress, Stage
 from kdzoo.methods.losses import kd_loss
+from kdzoo.types import Batch, Progress, Stage
 from tests.methods.golden_step import assert_loss, assert_student_grads, build_pair, run_step
 
 

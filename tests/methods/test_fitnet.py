@@ -8,8 +8,8 @@ import torch
 
 import kdzoo
 from kdzoo.errors import UserInputError
-from kdzoo.types import Batch, Progress, Stage
 from kdzoo.methods.fitnet import ConvReg
+from kdzoo.types import Batch, Progress, Stage
 from tests.methods.golden_step import (
     assert_extra_grads,
     assert_loss,

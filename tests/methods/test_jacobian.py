@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import kdzoo
-from kdzoo.types import Batch, Progress
 from kdzoo.models.taps import Tap, TapSpec
-from tests.methods.test_dist import HETEROGENEOUS_PAIRS, train_one_step
+from kdzoo.types import Batch, Progress
+from tests.methods.one_step import HETEROGENEOUS_PAIRS, train_one_step
 
 IMAGE_SHAPE = (3, 2, 2)
 NUM_CLASSES = 4

@@ -7,8 +7,8 @@ import torch
 
 import kdzoo
 from kdzoo.errors import UserInputError
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.kdsvd import align_to_teacher, kdsvd_pair_losses, top_singular
+from kdzoo.types import Batch, Progress
 from tests.methods.golden_step import assert_loss, assert_student_grads, build_pair
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import kdzoo
-from kdzoo.types import Batch, Progress
 from kdzoo.methods.logit_std import standardize_logits
 from kdzoo.models.taps import Outputs
-from tests.methods.test_dist import HETEROGENEOUS_PAIRS, STUDENT_LOGITS, TARGETS, TEACHER_LOGITS, train_one_step
+from kdzoo.types import Batch, Progress
+from tests.methods.one_step import HETEROGENEOUS_PAIRS, STUDENT_LOGITS, TARGETS, TEACHER_LOGITS, train_one_step
 
 
 def zscore(row: list[float]) -> list[float]:

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import kdzoo
-from kdzoo.types import Batch
 from kdzoo.methods.nst import nst_stage_losses
+from kdzoo.types import Batch
 from tests.methods.golden_step import assert_loss, assert_student_grads, build_pair, run_step
 
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-SHARED_DIR = Path(__file__).resolve().parents[2].parent / "shared"
-GOLDEN_MODELS = SHARED_DIR / "golden" / "models"
-_MISSING = f"golden model fixtures not found at {GOLDEN_MODELS} (the shared folder sits next to the repository)"
+from tests.conftest import GOLDEN, require_shared
+
+GOLDEN_MODELS = GOLDEN / "models"
+_WHAT = "golden model fixtures"
 
 
 def _names(pattern: str) -> list[str]:
@@ -20,19 +21,23 @@ def _names(pattern: str) -> list[str]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """``manifest_name``: every model with a JSON manifest; ``golden_name``: every model with stored weights."""
+    """``manifest_name``: every model with a JSON manifest; ``golden_name``: every model with stored weights.
+    Without the fixtures: one skipped case locally, a collection error under CI (``require_shared``)."""
     for fixture, pattern in (("manifest_name", "*.json"), ("golden_name", "*.pt")):
         if fixture in metafunc.fixturenames:
-            names = _names(pattern)
-            params = names or [pytest.param(None, marks=pytest.mark.skip(reason=_MISSING))]
+            params = _names(pattern)
+            if not params:
+                try:
+                    require_shared(GOLDEN_MODELS, _WHAT)
+                    pytest.fail(f"no {pattern} files in {GOLDEN_MODELS}: incomplete golden fixtures", pytrace=False)
+                except pytest.skip.Exception as skipped:
+                    params = [pytest.param(None, marks=pytest.mark.skip(reason=skipped.msg))]
             metafunc.parametrize(fixture, params)
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    if not GOLDEN_MODELS.is_dir():
-        pytest.skip(_MISSING)
-    return GOLDEN_MODELS
+    return require_shared(GOLDEN_MODELS, _WHAT)
 
 
 @pytest.fixture(scope="session")

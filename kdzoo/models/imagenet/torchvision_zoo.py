@@ -1,7 +1,7 @@
 """torchvision's ImageNet ResNets and MobileNetV2 under kdzoo names (random init, ``weights=None``).
 
 mdistiller's ImageNet ResNets have exactly torchvision's keys, order and shapes (docs/models.md), so
-these also load mdistiller / torchvision ImageNet checkpoints strictly. Taps: docs/models.md
+these also load mdistiller / torchvision ImageNet checkpoints strictly. Taps: docs/models.md, "Foreign models".
 """
 
 from __future__ import annotations
