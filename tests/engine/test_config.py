@@ -6,6 +6,8 @@ import pytest
 
 from kdzoo.config.loader import load_config
 from kdzoo.errors import UserInputError
+from kdzoo.methods.base import build_method_config
+from kdzoo.methods.registry import method_class
 from tests.conftest import REPO_ROOT
 
 KD_RECIPE = REPO_ROOT / "configs" / "cifar100" / "kd" / "resnet32x4_resnet8x4.yaml"
@@ -15,7 +17,10 @@ def test_recipe_inherits_base_and_applies_overrides():
     cfg = load_config(KD_RECIPE, ["data.root=../shared/data", "schedule.epochs=1", "optim.lr=0.1"])
     assert cfg.schedule.epochs == 1 and cfg.schedule.milestones == [150, 180, 210]  # from _base_
     assert cfg.optim.lr == 0.1 and cfg.optim.weight_decay == 5e-4 and cfg.data.batch_size == 64
-    assert cfg.method == {"name": "kd", "temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+    assert cfg.method == {"name": "kd"}  # the recipe states only what differs from the method's defaults
+    method_cfg = build_method_config(method_class("kd"), dict(cfg.method), {})
+    assert (method_cfg.temperature, method_cfg.ce_weight, method_cfg.kd_weight) == (4.0, 0.1, 0.9)
+    assert cfg.published.top1 is not None and cfg.published.source
     assert cfg.teacher.name == "resnet32x4" and cfg.student.name == "resnet8x4"
 
 
