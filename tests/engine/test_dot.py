@@ -1,4 +1,4 @@
-"""DOT optimizer (methods.md §19): five steps on a toy model with one shared, one task-only and one
+"""DOT optimizer (docs/methods/dot.md): five steps on a toy model with one shared, one task-only and one
 distillation-only parameter against the update rule written out by hand in float64; resume through
 state_dict; AMP (unscaling, skipped steps, scale back-off)."""
 
@@ -42,7 +42,7 @@ def losses(model: Toy, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def expected_trajectory() -> list[dict[str, torch.Tensor | None]]:
-    """The update rule of methods.md §19 in plain float64 arithmetic, gradients in closed form."""
+    """The update rule of docs/methods/dot.md in plain float64 arithmetic, gradients in closed form."""
     init = Toy()
     s, t, dd = (init.shared.detach().clone(), init.task_only.detach().clone(), init.distill_only.detach().clone())
     mu_task, mu_kd = MOMENTUM - DELTA, MOMENTUM + DELTA

@@ -1,4 +1,4 @@
-"""CTKD (methods.md §25): the cosine ramp of the gradient-reversal scale, the learned temperature, the KD loss at
+"""CTKD (docs/methods/ctkd.md): the cosine ramp of the gradient-reversal scale, the learned temperature, the KD loss at
 that temperature and the reversed temperature gradient, all against values worked out independently (explicit
 float64 loops, a central finite difference for d loss / d tau); plus training steps."""
 

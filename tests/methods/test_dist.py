@@ -1,4 +1,4 @@
-"""DIST (methods.md §25) against its equations worked out with explicit float64 loops, plus one training step on
+"""DIST (docs/methods/dist.md) against its equations worked out with explicit float64 loops, plus one training step on
 resnet32x4 -> resnet8x4 and the heterogeneous pairs."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Jacobian matching (methods.md §24). Linear teacher and student, whose input gradient d z_c / d x is the
+"""Jacobian matching (docs/methods/jacobian.md). Linear teacher and student, whose input gradient d z_c / d x is the
 weight row W[c] for every input: the loss and its double-backward gradient on the student weights are
 compared with closed forms in float64. Plus training steps (with AT, as the paper combines them)."""
 

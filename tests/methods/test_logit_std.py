@@ -1,5 +1,5 @@
-"""Logit standardization (kd_ls, dkd_ls; methods.md §25) against the equations worked out with explicit float64
-loops, plus training steps on resnet32x4 -> resnet8x4 and the heterogeneous pairs."""
+"""Logit standardization (kd_ls, dkd_ls; docs/methods/logit_std.md) against the equations worked out with
+explicit float64 loops, plus training steps on resnet32x4 -> resnet8x4 and the heterogeneous pairs."""
 
 from __future__ import annotations
 

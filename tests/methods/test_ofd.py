@@ -129,7 +129,7 @@ def test_ofd_defaults_and_connector_init():
     for connector, channels in zip(distiller.connectors, (64, 128, 256), strict=True):
         conv, bn = connector
         assert conv.weight.shape == (channels, channels, 1, 1) and conv.bias is None
-        # N(0, sqrt(2 / (k*k*C_t))) (methods.md §8)
+        # N(0, sqrt(2 / (k*k*C_t))) (docs/methods/ofd.md)
         torch.testing.assert_close(conv.weight.std().item(), math.sqrt(2.0 / channels), rtol=0.05, atol=0)
         assert abs(conv.weight.mean().item()) < 0.1 * math.sqrt(2.0 / channels)
         assert torch.equal(bn.weight, torch.ones(channels)) and torch.equal(bn.bias, torch.zeros(channels))

@@ -75,7 +75,7 @@ def test_vid_defaults_and_init():
     assert len(distiller.regressors) == 3
     assert distiller.num_extra_parameters() == 258_496  # golden README: 12 parameters, 258,496 values
     for stage, channels in zip(distiller.regressors, (64, 128, 256), strict=True):
-        # σ² = softplus(log_scale) + eps = init_pred_var at step 0 (methods.md §10)
+        # σ² = softplus(log_scale) + eps = init_pred_var at step 0 (docs/methods/vid.md)
         torch.testing.assert_close(F.softplus(stage.log_scale) + 1e-5, torch.full((channels,), 5.0))
         convs = [m for m in stage.regressor if isinstance(m, torch.nn.Conv2d)]
         assert [tuple(c.weight.shape[:2]) for c in convs] == [(channels, channels)] * 3

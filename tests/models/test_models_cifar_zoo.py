@@ -14,7 +14,7 @@ from kdzoo.models.taps import ALL_GROUPS, bn_before_relu, classifier_of, get_tap
 # Eval-mode tolerances: the issue asks for 1e-5 (the golden README allows rtol 1e-4).
 RTOL, ATOL = 1e-5, 1e-5
 
-# models.md §1.1 / §1.3 / OFD paper: parameter counts with 100 classes.
+# docs/models.md / OFD paper: parameter counts with 100 classes.
 PARAM_COUNTS = {
     "resnet8": 83_892,
     "resnet14": 181_108,
@@ -149,7 +149,7 @@ def test_golden_eval_outputs(golden_name: str, load_golden, load_manifest) -> No
 def _check_post_pre_relation(
     name: str, model: nn.Module, feats: list[torch.Tensor], preact: list[torch.Tensor]
 ) -> None:
-    """models.md §3.4: post == relu(pre) (ResNet, VGG, ShuffleV1), shuffle(relu(pre)) (ShuffleV2),
+    """docs/models.md (Taps): post == relu(pre) (ResNet, VGG, ShuffleV1), shuffle(relu(pre)) (ShuffleV2),
     pre == BN(post) (WRN), signed post == pre (MobileNetV2)."""
     for i, (post, pre) in enumerate(zip(feats[1:], preact[1:], strict=True), start=1):
         if name == "ShuffleV2":

@@ -12,7 +12,7 @@ from kdzoo.models import FeatureExtractor, count_parameters, create_model, featu
 from kdzoo.models.foreign import parse_tap, tap_spec_from_config
 from kdzoo.models.taps import ALL_GROUPS, Tap, bn_before_relu, classifier_of, get_tap_spec
 
-# models.md §2.1, 1000 classes
+# docs/models.md, 1000 classes
 IMAGENET_PARAMS = {
     "tv_resnet18": 11_689_512,
     "tv_resnet34": 21_797_672,
