@@ -15,12 +15,12 @@ from kdzoo.bench import format_table, run_bench, time_epoch
 from kdzoo.config.loader import config_from_dict, deep_merge, load_config, parse_overrides
 from kdzoo.data.datasets import build_data
 from kdzoo.demo import run_demo
+from kdzoo.engine.metrics import EVALUATORS, PRIMARY_METRIC, EvalContext
 from kdzoo.engine.run import run_training
 from kdzoo.engine.runtime import resolve_device
-from kdzoo.engine.setup import build_model, cache_key_for, load_model_for_eval, load_weights
+from kdzoo.engine.setup import build_model, cache_key_for, load_model_for_eval, load_weights, task_spec
 from kdzoo.engine.stop import TrainingStopped
 from kdzoo.engine.teacher_cache import TeacherCache, build_cache, verify_cache
-from kdzoo.engine.trainer import evaluate
 from kdzoo.errors import UserInputError
 from kdzoo.methods.registry import list_methods
 from kdzoo.models.registry import count_parameters, create_model, list_models
@@ -51,8 +51,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for the group
         return 0
     print(f"run directory: {summary['run_dir']}")
-    if summary["last_top1"] is not None:
-        print(f"top-1 last {summary['last_top1']:.2f}  best {summary['best_top1']:.2f} (epoch {summary['best_epoch']})")
+    if summary["last"] is not None:
+        print(f"{summary['metric']} last {summary['last']:.2f}  best {summary['best']:.2f} "
+              f"(epoch {summary['best_epoch']})")
     return 0
 
 
@@ -65,11 +66,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = build_data(cfg.data, seed=cfg.experiment.seed, device=device)
     model = load_model_for_eval(args.model, args.checkpoint, data.num_classes, data.input_shape)
     model.to(device)
-    with torch.no_grad():
-        metrics = evaluate(model, data.test)
-    print(f"{args.model or args.checkpoint} on {cfg.data.dataset} test: "
-          f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  "
-          f"loss {metrics['loss']:.4f}")
+    task = task_spec(cfg)
+    metrics = EVALUATORS[task.name](model, data.test, EvalContext(task, data.num_classes))
+    primary = PRIMARY_METRIC[task.name]
+    shown = [primary, *(k for k in metrics if k != primary and "/" not in k)]
+    print(f"{args.model or args.checkpoint} on {cfg.data.dataset} (evaluation split): "
+          + "  ".join(f"{k} {metrics[k]:.4f}" if k == "loss" else f"{k} {metrics[k]:.2f}" for k in shown))
     return 0
 
 

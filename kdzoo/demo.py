@@ -61,7 +61,7 @@ def run_demo(output_dir: str = "runs/demo", epochs: int | None = None, teacher_e
     print()
     print(f"{'run':18s} {'last top-1':>10s} {'best top-1':>10s}  run directory")
     for label, summary in rows:
-        print(f"{label:18s} {summary['last_top1']:10.2f} {summary['best_top1']:10.2f}  {summary['run_dir']}")
+        print(f"{label:18s} {summary['last']:10.2f} {summary['best']:10.2f}  {summary['run_dir']}")
     print(f"\nDKD's warm-up is scaled to {max(1, epochs // 4)} epochs for this budget (reference: 20 of 240).")
     curves = plot_runs([summary["run_dir"] for _, summary in rows], root / "curves.png", [label for label, _ in rows])
     print(f"curves: {curves}")

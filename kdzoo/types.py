@@ -14,7 +14,27 @@ MAIN_STAGE = "main"
 """The name of the stage every method has: the distillation run itself (``docs/design.md``, Stages)."""
 
 INIT_STAGE = "init"
-"""AB, FT and FSP's initialisation stage before the main one (RepDistiller ``helper/pretrain.py``)."""
+"""AB, FT and FSP's initialisation stage before the main one (RepDistiller ``helper/pretrain.py``); OFD's
+connector-only first epoch on segmentation (overhaul-distillation ``Segmentation/train_with_distillation.py``)."""
+
+CLASSIFICATION = "classification"
+SEGMENTATION = "segmentation"
+TASKS = (CLASSIFICATION, SEGMENTATION)
+"""The tasks a run can train for (the config's ``task``); a method declares which it supports."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a method must know about the task to score the student's own output (``docs/design.md``, Tasks).
+
+    Classification: cross-entropy of ``[B, K]`` logits against ``[B]`` labels. Segmentation: per-pixel
+    cross-entropy of ``[B, K, H, W]`` logits against ``[B, H, W]`` labels, pixels labelled ``ignore_index``
+    excluded; ``ce_batch_average`` divides that mean once more by the batch size, as pytorch-deeplab-xception's
+    ``SegmentationLosses(batch_average=True)`` does in the overhaul-distillation segmentation recipes."""
+
+    name: str = CLASSIFICATION
+    ignore_index: int = 255
+    ce_batch_average: bool = False
 
 
 @dataclass
@@ -66,13 +86,16 @@ class Stage:
     ``trainable`` names parameter sets of the distiller: ``student``, ``extra`` (every extra module), a
     module attribute such as ``connectors``, or a set the method defines (FitNet's ``hint_trunk``).
     ``epochs=None`` means the schedule's epochs; ``lr`` overrides the optimiser's lr for the stage;
-    ``use_schedule`` says whether the main lr schedule applies."""
+    ``use_schedule`` says whether the main lr schedule applies; ``scale_groups=False`` runs every parameter
+    group at the base lr, ignoring ``optim.head_lr_scale`` / ``optim.extra_lr_scale`` (OFD's segmentation
+    init epoch: pytorch-deeplab-xception's ``LR_Scheduler`` gives a one-group optimiser the base lr)."""
 
     name: str = MAIN_STAGE
     epochs: int | None = None
     trainable: tuple[str, ...] = ("student", "extra")
     lr: float | None = None
     use_schedule: bool = True
+    scale_groups: bool = True
 
 
 @dataclass

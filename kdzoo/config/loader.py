@@ -17,8 +17,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kdzoo.config.schema import Config
+from kdzoo.data.datasets import dataset_task
 from kdzoo.errors import UserInputError
-from kdzoo.methods.base import build_method_config, stage_overrides
+from kdzoo.methods.base import build_method_config, check_task_supported, stage_overrides
 from kdzoo.methods.registry import method_class
 from kdzoo.models.registry import canonical_name
 from kdzoo.validation import merge_into_schema
@@ -96,6 +97,13 @@ def validate(cfg: Config) -> None:
         (cfg.optim.name in ("sgd", "dot"), f"optim.name must be 'sgd' or 'dot', got {cfg.optim.name!r}"),
         (cfg.schedule.epochs > 0, "schedule.epochs must be positive"),
         (cfg.schedule.gamma > 0, "schedule.gamma must be positive"),
+        (cfg.schedule.name in ("multistep", "poly"), f"schedule.name must be multistep or poly, got "
+         f"{cfg.schedule.name!r}"),
+        (cfg.schedule.power > 0, "schedule.power must be positive"),
+        (cfg.optim.head_lr_scale > 0 and cfg.optim.extra_lr_scale > 0, "optim.head_lr_scale and "
+         "optim.extra_lr_scale must be positive"),
+        (cfg.data.crop_size > 0 and cfg.data.base_size > 0, "data.crop_size and data.base_size must be positive"),
+        (cfg.data.num_classes is None or cfg.data.num_classes > 1, "data.num_classes must be at least 2"),
         (list(cfg.schedule.milestones) == sorted(cfg.schedule.milestones), "schedule.milestones must be increasing"),
         (cfg.runtime.nonfinite in ("stop", "skip"), "runtime.nonfinite must be 'stop' or 'skip'"),
         (cfg.runtime.amp_dtype in ("auto", "bf16", "fp16"), "runtime.amp_dtype must be auto, bf16 or fp16"),
@@ -110,6 +118,11 @@ def validate(cfg: Config) -> None:
     if "name" not in cfg.method:
         raise UserInputError("method.name is missing (e.g. method.name=kd; `kdzoo list methods` shows all)")
     method_cls = method_class(str(cfg.method["name"]))
+    check_task_supported(method_cls, cfg.task)
+    data_task = dataset_task(cfg.data.dataset)
+    if data_task is not None and data_task != cfg.task:
+        raise UserInputError(f"data.dataset={cfg.data.dataset} is a {data_task} dataset, but task={cfg.task} "
+                             f"(set task={data_task}, or choose a {cfg.task} dataset)")
     build_method_config(method_cls, dict(cfg.method), {})
     for override in stage_overrides(dict(cfg.method), {}):
         if override.name not in method_cls.declared_stages:

@@ -35,6 +35,14 @@ class DataConfig:
     # SimKD's constants, which their published teachers were trained with; docs/config.md).
     mean: list[float] | None = None
     std: list[float] | None = None
+    # task: segmentation (overhaul-distillation Segmentation/train_with_distillation.py defaults, docs/config.md):
+    crop_size: int = 513  # --crop-size 513: training crops; validation resizes the short side to it
+    base_size: int = 513  # --base-size 513: the random scale draws the short side from [0.5, 2.0] x base_size
+    ignore_index: int = 255  # VOC's void label: excluded from the loss and the metrics
+    sbd_root: str | None = None  # VOC: also train on SBD (train+val minus the VOC val images), --use-sbd
+    train_split: str = "train"  # split files / folders read for training and evaluation
+    val_split: str = "val"
+    num_classes: int | None = None  # segfolder: the number of classes (VOC 21, Cityscapes 19, nuclei 3 are known)
 
 
 @dataclass
@@ -53,6 +61,9 @@ class StudentConfig:
     name: str = "resnet8x4"
     checkpoint: str | None = None  # optional initial weights
     taps: dict[str, Any] | None = None  # as teacher.taps
+    # ImageNet weights of a segmentation model's backbone (torchvision's resnet*.pth layout, or the MobileNetV2
+    # file pytorch-deeplab-xception loads), read strictly before training; checkpoint (whole model) wins.
+    backbone_checkpoint: str | None = None
 
 
 @dataclass
@@ -63,13 +74,29 @@ class OptimConfig:
     weight_decay: float = 5e-4
     nesterov: bool = False
     dot_delta: float = 0.075  # mdistiller DOT recipes (SOLVER.DOT.DELTA); used only by name=dot
+    # lr multiplier of the student's head modules (a model's ``head_modules``: DeepLabV3+'s ASPP and decoder)
+    # and of the method's extra modules (connectors, regressors); pytorch-deeplab-xception and the
+    # overhaul-distillation segmentation recipes use 10 for both.
+    head_lr_scale: float = 1.0
+    extra_lr_scale: float = 1.0
 
 
 @dataclass
 class ScheduleConfig:
+    name: str = "multistep"  # multistep (per epoch, RepDistiller) | poly (per step, pytorch-deeplab-xception)
     epochs: int = 240
     milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
     gamma: float = 0.1
+    power: float = 0.9  # poly: lr = base * (1 - step / total_steps) ** power over all stages' steps
+
+
+@dataclass
+class LossConfig:
+    """How the student's own output is scored (the task loss every method adds)."""
+
+    # Divide the per-pixel mean cross-entropy by the batch size, as pytorch-deeplab-xception's
+    # SegmentationLosses(batch_average=True) do (the overhaul-distillation VOC recipes).
+    ce_batch_average: bool = False
 
 
 @dataclass
@@ -98,11 +125,13 @@ class PublishedResult:
 
     top1: float | None = None
     top5: float | None = None
+    miou: float | None = None  # segmentation: mean IoU (%) on the validation split
     source: str | None = None  # e.g. "mdistiller README", "DKD paper Table 1"
 
 
 @dataclass
 class Config:
+    task: str = "classification"  # classification | segmentation: drives dataset, task loss, evaluator, taps
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -112,4 +141,5 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     published: PublishedResult = field(default_factory=PublishedResult)

@@ -3,35 +3,23 @@
 from __future__ import annotations
 
 import gzip
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from kdzoo.data import folder
+from kdzoo.data.bundle import DataBundle, TrainLoader  # noqa: F401  (re-exported)
 from kdzoo.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, load_cifar_split
+from kdzoo.data.segmentation import SEGMENTATION_DATASETS, build_segmentation_data
 from kdzoo.data.tensor_loader import CropFlip, TensorBatchLoader
 from kdzoo.errors import UserInputError
-from kdzoo.types import Batch, DatasetInfo
+from kdzoo.types import CLASSIFICATION, SEGMENTATION, DatasetInfo
 from kdzoo.validation import suggest
-
-
-class TrainLoader(Protocol):
-    def __len__(self) -> int: ...
-    def iterate(self, epoch: int, start_step: int = 0) -> Iterator[Batch]: ...
-
-
-@dataclass
-class DataBundle:
-    train: TrainLoader
-    test: Iterable[Batch]
-    info: DatasetInfo
-    input_shape: tuple[int, int, int]
-    num_classes: int
 
 
 @dataclass(frozen=True)
@@ -109,7 +97,17 @@ FOLDER_DATASETS = ("imagenet", "tiny_imagenet", "imagefolder")
 
 
 def dataset_names() -> list[str]:
-    return sorted([*DATASETS, *FOLDER_DATASETS])
+    return sorted([*DATASETS, *FOLDER_DATASETS, *SEGMENTATION_DATASETS])
+
+
+def dataset_task(name: str) -> str | None:
+    """The task a named dataset is labelled for; ``None`` for a name kdzoo does not know (the dataset builder
+    reports it with suggestions)."""
+    if name in SEGMENTATION_DATASETS:
+        return SEGMENTATION
+    if name in DATASETS or name in FOLDER_DATASETS:
+        return CLASSIFICATION
+    return None
 
 
 def load_source(cfg: Any) -> TensorSource:
@@ -127,6 +125,9 @@ def build_data(
     cfg: Any, *, seed: int, device: torch.device, rank: int = 0, world_size: int = 1, drop_last: bool = False,
     source: TensorSource | None = None,
 ) -> DataBundle:
+    if source is None and cfg.dataset in SEGMENTATION_DATASETS:
+        return build_segmentation_data(cfg, seed=seed, device=device, rank=rank, world_size=world_size,
+                                       drop_last=drop_last)
     if source is None and cfg.dataset in FOLDER_DATASETS:
         return build_folder_data(cfg, seed=seed, device=device, rank=rank, world_size=world_size, drop_last=drop_last)
     source = source or load_source(cfg)

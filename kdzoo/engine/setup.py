@@ -8,6 +8,7 @@ code 2 and no run directory exists yet.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from kdzoo.methods.base import Distiller
 from kdzoo.methods.registry import method_class
 from kdzoo.models.checkpoint import load_checkpoint
 from kdzoo.models.registry import create_model, model_entry
+from kdzoo.types import TaskSpec
 
 
 @dataclass
@@ -77,15 +79,30 @@ def load_model_for_eval(
 
 
 def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], taps: dict[str, Any] | None = None,
-                role: str = "model") -> nn.Module:
-    """``taps``: the config's ``<role>.taps`` module paths (checked against the model's modules here)."""
+                role: str = "model", backbone_checkpoint: str | None = None) -> nn.Module:
+    """``taps``: the config's ``<role>.taps`` module paths (checked against the model's modules here);
+    ``backbone_checkpoint``: ImageNet weights for the backbone of a model that has one (segmentation zoo)."""
     entry = model_entry(name)
     if entry is not None and entry.family == "cifar" and tuple(input_shape[1:]) != (entry.input_size,) * 2:
         raise UserInputError(
             f"model {name!r} expects {entry.input_size}x{entry.input_size} inputs, but the dataset's images are "
             f"{input_shape[1]}x{input_shape[2]}"
         )
-    return create_model(name, num_classes=num_classes, taps=taps, taps_where=f"{role}.taps")
+    kwargs: dict[str, Any] = {}
+    if backbone_checkpoint is not None:
+        if entry is None or "backbone_checkpoint" not in inspect.signature(entry.constructor).parameters:
+            raise UserInputError(f"{role}.backbone_checkpoint is set, but model {name!r} has no separately loaded "
+                                 "backbone (the segmentation zoo's models have one); use "
+                                 f"{role}.checkpoint for whole-model weights")
+        if not Path(backbone_checkpoint).is_file():
+            raise UserInputError(f"{role}.backbone_checkpoint {backbone_checkpoint} does not exist")
+        kwargs["backbone_checkpoint"] = backbone_checkpoint
+    return create_model(name, num_classes=num_classes, taps=taps, taps_where=f"{role}.taps", **kwargs)
+
+
+def task_spec(cfg: Config) -> TaskSpec:
+    """The config's task as the methods see it (which loss scores the student's own output)."""
+    return TaskSpec(cfg.task, ignore_index=cfg.data.ignore_index, ce_batch_average=cfg.loss.ce_batch_average)
 
 
 def prepare_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> RunParts:
@@ -102,7 +119,8 @@ def prepare_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torc
         drop_last=method_cls.needs_fixed_batch_size,
     )
     # Models are built after seeding, so a seed fixes the student's initial weights too.
-    student = build_model(cfg.student.name, data.num_classes, data.input_shape, cfg.student.taps, "student")
+    student = build_model(cfg.student.name, data.num_classes, data.input_shape, cfg.student.taps, "student",
+                          cfg.student.backbone_checkpoint)
     if cfg.student.checkpoint:
         load_weights(student, cfg.student.checkpoint, "student")
     teacher = None
@@ -115,7 +133,7 @@ def prepare_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torc
     if teacher is not None:
         teacher.to(device)
     distiller = method_cls(student, teacher, dict(cfg.method), input_shape=data.input_shape,
-                           batch_size=cfg.data.batch_size)
+                           batch_size=cfg.data.batch_size, task=task_spec(cfg))
     distiller.to(device)
     distiller.bind_dataset(data.info)
     if cfg.runtime.channels_last:

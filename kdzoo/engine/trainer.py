@@ -12,13 +12,11 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -29,7 +27,8 @@ from kdzoo.engine import checkpoint_io
 from kdzoo.engine.dot import dot_backward_step
 from kdzoo.engine.faults import fault_point
 from kdzoo.engine.logger import MetricsLog
-from kdzoo.engine.optim import build_optimizer, multistep_lr, set_lr
+from kdzoo.engine.metrics import EVALUATORS, PRIMARY_METRIC, EvalContext
+from kdzoo.engine.optim import build_optimizer, scheduled_lr, set_lr
 from kdzoo.engine.runtime import amp_dtype, autocast, rng_state, set_rng_state
 from kdzoo.engine.setup import RunParts
 from kdzoo.engine.stop import StopRequests, TrainingStopped
@@ -55,44 +54,13 @@ def teacher_fingerprint(teacher: nn.Module, with_buffers: bool) -> dict[str, Ten
     return {n: torch.stack([t.double().sum(), t.double().pow(2).sum()]) for n, t in tensors.items()}
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Batch], *, amp: bool = False,
-             dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy of ``model`` on ``batches``."""
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = loss_sum = None
-    count = 0
-    for batch in batches:
-        device = batch.image.device
-        with autocast(device, amp, dtype):
-            logits = model(batch.image)
-        logits = logits.float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == batch.target[:, None]
-        c1, c5 = hits[:, 0].sum(), hits.any(dim=1).sum()
-        ls = F.cross_entropy(logits, batch.target, reduction="sum")
-        correct1 = c1 if correct1 is None else correct1 + c1
-        correct5 = c5 if correct5 is None else correct5 + c5
-        loss_sum = ls if loss_sum is None else loss_sum + ls
-        count += batch.target.numel()
-    model.train(was_training)
-    if count == 0:
-        raise UserInputError("the evaluation split is empty")
-    return {
-        "top1": 100.0 * float(correct1) / count,  # type: ignore[arg-type]
-        "top5": 100.0 * float(correct5) / count,  # type: ignore[arg-type]
-        "loss": float(loss_sum) / count,  # type: ignore[arg-type]
-    }
-
-
 @dataclasses.dataclass
 class TrainState:
     stage_index: int = 0
     epoch: int = 1  # 1-based epoch within the stage that is running or about to run
     step_in_epoch: int = 0  # batches of ``epoch`` already done
     global_step: int = 0
-    best_top1: float = -math.inf
+    best_score: float = -math.inf  # the task's primary metric (top-1, mean IoU) at its best epoch
     best_epoch: int = 0
     # Running sums of the epoch's losses (device tensors), checkpointed so a mid-epoch resume logs
     # exactly what an uninterrupted run logs.
@@ -111,6 +79,7 @@ class Trainer:
         self.is_main = is_main
         self.state = TrainState()
         self.stages = self.distiller.training_stages()
+        self.primary_metric = PRIMARY_METRIC[self.distiller.task.name]
         self.amp = self.cfg.runtime.amp
         self.amp_dtype = amp_dtype(self.device, self.cfg.runtime.amp_dtype)
         # fp16 needs loss scaling wherever it runs (CUDA in practice; CPU autocast has fp16 too, and the
@@ -152,7 +121,30 @@ class Trainer:
         groups = self.distiller.param_groups(stage)
         if not groups:
             raise UserInputError(f"stage {stage.name!r} of {self.distiller.name} has no trainable parameters")
-        return build_optimizer(groups, self.cfg.optim, stage.lr)
+        return build_optimizer(self._scaled_groups(groups, stage), self.cfg.optim, stage.lr)
+
+    def _scaled_groups(self, groups: list[dict[str, Any]], stage: Stage) -> list[dict[str, Any]]:
+        """Split each parameter group into the student's head modules (the model's ``head_modules``), the
+        method's extra modules and the rest, with ``lr_scale`` = ``optim.head_lr_scale`` /
+        ``optim.extra_lr_scale`` / 1 (pytorch-deeplab-xception's 10x head and the overhaul-distillation 10x
+        connectors). The order inside each part is the distiller's."""
+        optim = self.cfg.optim
+        if not stage.scale_groups or (optim.head_lr_scale == 1 and optim.extra_lr_scale == 1):
+            return groups
+        student = self.distiller.student
+        head_modules = [student.get_submodule(name) for name in getattr(student, "head_modules", ())]
+        head = {id(p) for module in head_modules for p in module.parameters()}
+        extra = {id(p) for p in self.distiller.extra_parameters()}
+        scaled: list[dict[str, Any]] = []
+        for group in groups:
+            parts: dict[float, list[nn.Parameter]] = {}
+            for p in group["params"]:
+                scale = optim.head_lr_scale if id(p) in head else optim.extra_lr_scale if id(p) in extra else 1.0
+                parts.setdefault(scale, []).append(p)
+            scale_of_group = group.get("lr_scale", 1.0)
+            scaled.extend({**group, "params": params, "lr_scale": scale_of_group * scale}
+                          for scale, params in parts.items())
+        return scaled
 
     def stage_epochs(self, stage: Stage) -> int:
         return stage.epochs if stage.epochs is not None else self.cfg.schedule.epochs
@@ -185,7 +177,10 @@ class Trainer:
         ckpt = checkpoint_io.load_verified(path, map_location=self.device)
         if ckpt.get("format") != "kdzoo-train" or ckpt.get("method") != self.distiller.name:
             raise UserInputError(f"{path} is not a {self.distiller.name} training checkpoint of kdzoo")
-        self.state = TrainState(**ckpt["train_state"])
+        train_state = dict(ckpt["train_state"])
+        if "best_top1" in train_state:  # checkpoints written before the task-generic name
+            train_state["best_score"] = train_state.pop("best_top1")
+        self.state = TrainState(**train_state)
         self.state.epoch_sums = {k: v.to(self.device) for k, v in self.state.epoch_sums.items()}
         self.distiller.load_method_state_dict(ckpt["distiller"])
         self.optimizer = self._build_optimizer(self.stages[self.state.stage_index])
@@ -225,9 +220,11 @@ class Trainer:
             self._fit_stages()
         self.log.close()
         final = self.state.records[-1] if self.state.records else {}
+        metric = self.primary_metric
         return {
-            "last_top1": final.get("top1"),
-            "best_top1": self.state.best_top1 if self.state.best_epoch else None,
+            "metric": metric,
+            "last": final.get(metric),
+            "best": self.state.best_score if self.state.best_epoch else None,
             "best_epoch": self.state.best_epoch,
             "run_dir": str(self.run_dir),
         }
@@ -265,7 +262,8 @@ class Trainer:
         the end-of-epoch checks, evaluation, record, exports and checkpoint."""
         s = self.state
         epochs = self.stage_epochs(stage)
-        self._set_epoch_lr(stage)
+        per_step_lr = self.cfg.schedule.name == "poly"
+        self._set_lr(stage)
         self.distiller.train()
         progress = Progress(epoch=s.epoch, epochs=epochs, step=s.global_step, stage=stage.name)
         bad_terms: dict[str, Tensor] = {}
@@ -274,6 +272,8 @@ class Trainer:
         bar = self._progress_bar(steps_in_epoch, s.step_in_epoch, f"{stage.name} {s.epoch}/{epochs}")
         for batch in self.parts.data.train.iterate(s.epoch, s.step_in_epoch):
             progress.step = s.global_step
+            if per_step_lr:
+                self._set_lr(stage)
             self._accumulate(self.train_step(batch, progress), bad_terms)
             s.epoch_steps += 1
             s.step_in_epoch += 1
@@ -287,10 +287,16 @@ class Trainer:
             bar.close()
         self._end_epoch(stage, bad_terms, time.perf_counter() - started)
 
-    def _set_epoch_lr(self, stage: Stage) -> None:
+    def _set_lr(self, stage: Stage) -> None:
+        """The schedule's lr for where training is: per epoch (multistep) or per step (poly, counted over every
+        stage's steps, as pytorch-deeplab-xception's LR_Scheduler counts epoch 0 too)."""
         base_lr = stage.lr if stage.lr is not None else self.cfg.optim.lr
-        lr = multistep_lr(base_lr, self.state.epoch, self.cfg.schedule) if stage.use_schedule else base_lr
-        set_lr(self.optimizer, lr)
+        if not stage.use_schedule:
+            set_lr(self.optimizer, base_lr)
+            return
+        total_steps = sum(self.stage_epochs(s) for s in self.stages) * len(self.parts.data.train)
+        set_lr(self.optimizer, scheduled_lr(base_lr, self.cfg.schedule, epoch=self.state.epoch,
+                                            step=self.state.global_step, total_steps=total_steps))
 
     def _accumulate(self, losses: dict[str, Tensor], bad_terms: dict[str, Tensor]) -> None:
         """Add the step's losses to the epoch sums and its non-finite flags to ``bad_terms``, on the device
@@ -336,8 +342,9 @@ class Trainer:
         s.epoch_sums, s.epoch_steps = {}, 0
         s.records.append(record)
         self.log.log(record, s.global_step)
-        if "top1" in record and record["top1"] > s.best_top1:
-            s.best_top1, s.best_epoch = record["top1"], record["epoch"]
+        metric = self.primary_metric
+        if metric in record and record[metric] > s.best_score:
+            s.best_score, s.best_epoch = record[metric], record["epoch"]
             self.export("student_best.pt", record)
         self.save()
         if final_stage and s.epoch > epochs:
@@ -490,8 +497,11 @@ class Trainer:
 
     def _evaluate_all(self) -> dict[str, float]:
         out: dict[str, float] = {}
+        task = self.distiller.task
+        ctx = EvalContext(task, self.parts.data.num_classes, self.amp, self.amp_dtype,
+                          sharded=self.parts.data.test_sharded and self.parts.world_size > 1)
         for i, (name, model) in enumerate(self.distiller.evaluation_models().items()):
-            metrics = evaluate(model, self.parts.data.test, amp=self.amp, dtype=self.amp_dtype)
+            metrics = EVALUATORS[task.name](model, self.parts.data.test, ctx)
             prefix = "" if i == 0 else f"{name}/"
             out.update({f"{prefix}{k}": v for k, v in metrics.items()})
         return out

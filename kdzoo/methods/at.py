@@ -14,7 +14,7 @@ from kdzoo.methods.base import Distiller
 from kdzoo.methods.losses import pooled_pair_terms
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
-from kdzoo.types import Batch, Progress
+from kdzoo.types import CLASSIFICATION, SEGMENTATION, Batch, Progress
 
 
 @dataclass
@@ -44,6 +44,7 @@ def at_stage_losses(student_feats: Sequence[Tensor], teacher_feats: Sequence[Ten
 
 @register_method("at")
 class AT(Distiller):
+    supported_tasks = (CLASSIFICATION, SEGMENTATION)
     Config = ATConfig
     teacher_taps = ("feats",)
     student_taps = ("feats",)

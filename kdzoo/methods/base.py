@@ -19,9 +19,9 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
-from kdzoo.methods.losses import ce_and_kd
+from kdzoo.methods.losses import ce_and_kd, cross_entropy
 from kdzoo.models.taps import FeatureExtractor, Outputs, TapGroup, classifier_of, probe_shapes
-from kdzoo.types import MAIN_STAGE, Batch, DatasetInfo, Progress, Stage, StageOverride
+from kdzoo.types import CLASSIFICATION, MAIN_STAGE, TASKS, Batch, DatasetInfo, Progress, Stage, StageOverride, TaskSpec
 from kdzoo.validation import merge_into_schema
 
 
@@ -31,6 +31,17 @@ def find_classifier(model: nn.Module, purpose: str) -> nn.Module:
         return classifier_of(model)
     except Exception as exc:  # any failure to locate it means the method cannot run with this model
         raise UserInputError(f"{purpose}, but none was found on {type(model).__name__}: {exc}") from exc
+
+
+def check_task_supported(method: type[Distiller], task: str) -> None:
+    """UserInputError unless ``method`` declares ``task`` (checked when the config is read and at construction)."""
+    if task not in TASKS:
+        raise UserInputError(f"unknown task {task!r}; kdzoo trains {', '.join(TASKS)}")
+    if task not in method.supported_tasks:
+        raise UserInputError(
+            f"method {method.name!r} is defined for {', '.join(method.supported_tasks)}, not {task} "
+            "(`kdzoo list methods` shows each method's tasks)"
+        )
 
 
 # CRD's negatives under the names mdistiller's and RepDistiller's training loops pass them.
@@ -66,6 +77,8 @@ class Distiller(nn.Module):
     # attributes that are not children (AB/FSP's ``student_body`` view) or sets the method computes
     # (FitNet's ``hint_trunk``, resolved by its :meth:`parameter_set`).
     parameter_sets: ClassVar[tuple[str, ...]] = ()
+    # The tasks the method is defined for (docs/design.md, Tasks): using it on another task is a config error.
+    supported_tasks: ClassVar[tuple[str, ...]] = (CLASSIFICATION,)
 
     def __init__(
         self,
@@ -75,14 +88,18 @@ class Distiller(nn.Module):
         *,
         input_shape: Sequence[int] = (3, 32, 32),
         batch_size: int | None = None,
+        task: TaskSpec | None = None,
         **hparams: Any,
     ):
         """``input_shape``: one sample's shape (the dry runs that size extra modules use it).
         ``batch_size``: the per-process training batch, for methods whose modules are sized by it (SemCKD);
-        the trainer passes ``data.batch_size``."""
+        the trainer passes ``data.batch_size``. ``task``: the task and how its own loss is computed
+        (classification by default)."""
         super().__init__()
         if self.requires_teacher and teacher is None:
             raise UserInputError(f"method {self.name!r} needs a teacher; none was given")
+        self.task = task or TaskSpec()
+        check_task_supported(type(self), self.task.name)
         self.cfg = build_method_config(type(self), cfg, hparams)
         self.stage_overrides = stage_overrides(cfg, hparams)
         self.input_shape = tuple(input_shape)
@@ -177,7 +194,13 @@ class Distiller(nn.Module):
         """``w_ce·CE + w_kd·KD(T)`` from the config's ``ce_weight`` / ``kd_weight`` / ``temperature``: the
         part RepDistiller and SimKD loops add to every method (docs/design.md)."""
         cfg = self.cfg
-        return ce_and_kd(student_logits, teacher_logits, target, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        return ce_and_kd(student_logits, teacher_logits, target, cfg.ce_weight, cfg.kd_weight, cfg.temperature,
+                         self.task)
+
+    def task_loss(self, student_logits: Tensor, target: Tensor) -> Tensor:
+        """The task's own loss of the student's output (cross-entropy; per pixel, ignore label excluded, on
+        segmentation)."""
+        return cross_entropy(student_logits, target, self.task)
 
     # ---- machinery ----------------------------------------------------------------------------
     @property
@@ -234,6 +257,17 @@ class Distiller(nn.Module):
     def probe_teacher(self) -> Outputs:
         assert self.teacher is not None
         return probe_shapes(self.teacher, self.input_shape)
+
+    def check_dense_logits_agree(self, purpose: str) -> None:
+        """UserInputError unless student and teacher class-score maps (``dense_logits``) have one shape, for the
+        methods that compare them pixel by pixel (CWD, pixel KD)."""
+        student_map, teacher_map = self.probe_student().dense_logits, self.probe_teacher().dense_logits
+        if student_map is None or teacher_map is None or student_map.shape[1:] != teacher_map.shape[1:]:
+            shapes = [None if m is None else tuple(m.shape[1:]) for m in (student_map, teacher_map)]
+            raise UserInputError(
+                f"{purpose}, which must agree: student {shapes[0]}, teacher {shapes[1]} (use the same number of "
+                "classes and output stride)"
+            )
 
     def teacher_forward(self, batch: Batch) -> Outputs | None:
         if self.teacher_extractor is None:

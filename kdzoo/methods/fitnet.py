@@ -20,7 +20,7 @@ from kdzoo.methods.base import Distiller
 from kdzoo.methods.losses import at_least_fp32
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs, features
-from kdzoo.types import MAIN_STAGE, Batch, Progress, Stage
+from kdzoo.types import CLASSIFICATION, MAIN_STAGE, SEGMENTATION, Batch, Progress, Stage
 
 
 @dataclass
@@ -70,6 +70,7 @@ HINT_STAGE = "hint"
 
 @register_method("fitnet")
 class FitNet(Distiller):
+    supported_tasks = (CLASSIFICATION, SEGMENTATION)
     Config = FitNetConfig
     declared_stages = (HINT_STAGE, MAIN_STAGE)
     # Paper stage 1 trains only the student layers the hint depends on (W_Guided) and the regressor.

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdzoo.models.taps import classifier_of
+from kdzoo.types import SEGMENTATION, TaskSpec
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -20,8 +21,14 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     return kl * temperature**2
 
 
-def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    return F.cross_entropy(logits.float(), target)
+def cross_entropy(logits: Tensor, target: Tensor, task: TaskSpec | None = None) -> Tensor:
+    """The task's own loss. Classification: mean CE over the batch. Segmentation (``[B, K, H, W]`` logits):
+    mean CE over the pixels not labelled ``task.ignore_index``, divided by B when ``task.ce_batch_average``
+    (pytorch-deeplab-xception ``utils/loss.py``; docs/design.md, Tasks)."""
+    if task is None or task.name != SEGMENTATION:
+        return F.cross_entropy(logits.float(), target)
+    loss = F.cross_entropy(logits.float(), target, ignore_index=task.ignore_index)
+    return loss / logits.shape[0] if task.ce_batch_average else loss
 
 
 def ce_and_kd(
@@ -31,12 +38,13 @@ def ce_and_kd(
     ce_weight: float,
     kd_weight: float,
     temperature: float = 4.0,
+    task: TaskSpec | None = None,
 ) -> dict[str, Tensor]:
     """The ``w_ce*CE + w_kd*KD`` part every RepDistiller / SimKD loop adds (docs/design.md).
     Terms with weight 0 are left out, so they cost nothing."""
     losses: dict[str, Tensor] = {}
     if ce_weight:
-        losses["loss_ce"] = ce_weight * cross_entropy(student_logits, target)
+        losses["loss_ce"] = ce_weight * cross_entropy(student_logits, target, task)
     if kd_weight:
         assert teacher_logits is not None
         losses["loss_kd"] = kd_weight * kd_loss(student_logits, teacher_logits, temperature)

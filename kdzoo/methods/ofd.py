@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Distiller
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs, bn_before_relu
-from kdzoo.types import Batch, Progress
+from kdzoo.types import CLASSIFICATION, INIT_STAGE, MAIN_STAGE, SEGMENTATION, Batch, Progress, Stage
 
 
 @dataclass
@@ -26,6 +27,13 @@ class OFDConfig:
     feat_weight: float = 1e-3
     temperature: float = 4.0  # KD temperature, used only when kd_weight > 0 (RepDistiller --kd_T 4)
     connector_kernel_size: int = 1  # mdistiller OFD.CONNECTOR.KERNEL_SIZE 1
+    # Divisor of each distilled stage's term, shallowest first; null = 2^(N-1-i) (mdistiller / the CIFAR code:
+    # last stage 1, then 2, 4). Segmentation: overhaul-distillation Segmentation/distiller.py loss_divider
+    # [8, 4, 2, 1, 1, 16] for the four backbone stages, ASPP and decoder.
+    stage_divisors: list[float] | None = None
+    # Epochs at the start that train only the connectors (0 = none, mdistiller). overhaul-distillation
+    # Segmentation/train_with_distillation.py: 1 (its epoch 0 steps an optimiser holding only the connectors).
+    connector_init_epochs: int = 0
 
 
 def margin_from_bn(bn: nn.BatchNorm2d) -> Tensor:
@@ -69,10 +77,12 @@ def partial_l2(student: Tensor, teacher: Tensor, margin: Tensor) -> Tensor:
 
 @register_method("ofd")
 class OFD(Distiller):
+    supported_tasks = (CLASSIFICATION, SEGMENTATION)
     Config = OFDConfig
     teacher_taps = ("preact",)
     student_taps = ("preact",)
     teacher_train_mode = True
+    declared_stages = (INIT_STAGE, MAIN_STAGE)
 
     def build(self) -> None:
         assert self.teacher is not None
@@ -95,6 +105,23 @@ class OFD(Distiller):
         # Buffers (mdistiller keeps a Python list): they follow .to(device) and land in checkpoints.
         for i, margin in enumerate(margins[-self.num_stages:]):
             self.register_buffer(f"margin{i}", margin)
+        divisors = self.cfg.stage_divisors
+        if divisors is None:
+            divisors = [2.0 ** (self.num_stages - 1 - i) for i in range(self.num_stages)]
+        if len(divisors) != self.num_stages or any(d <= 0 for d in divisors):
+            raise UserInputError(
+                f"method.stage_divisors needs {self.num_stages} positive values (one per distilled stage), got "
+                f"{list(divisors)}"
+            )
+        self.stage_divisors = [float(d) for d in divisors]
+
+    def stages(self) -> list[Stage]:
+        if self.cfg.connector_init_epochs <= 0:
+            return [Stage()]
+        # The official init epoch runs under the same poly schedule as the rest (its LR_Scheduler counts every
+        # iteration from the first) and at the base lr: a one-group optimiser gets no 10x (docs/methods/ofd.md).
+        init = Stage(INIT_STAGE, epochs=self.cfg.connector_init_epochs, trainable=("connectors",), scale_groups=False)
+        return [init, Stage()]
 
     @staticmethod
     def _connector(student_channels: int, teacher_channels: int, kernel_size: int) -> nn.Sequential:
@@ -125,7 +152,7 @@ class OFD(Distiller):
         cfg = self.cfg
         losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
         stage_terms = self.stage_losses(student.preact[1:], teacher.preact[1:])
-        n = len(stage_terms)
-        # Deeper stages weigh more: 1/2^(N-1-i) (last stage 1, then 1/2, 1/4).
-        losses["loss_ofd"] = cfg.feat_weight * sum(term / 2 ** (n - 1 - i) for i, term in enumerate(stage_terms))
+        losses["loss_ofd"] = cfg.feat_weight * sum(
+            term / divisor for term, divisor in zip(stage_terms, self.stage_divisors, strict=True)
+        )
         return losses

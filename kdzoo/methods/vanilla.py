@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from kdzoo.methods.base import Distiller
-from kdzoo.methods.losses import cross_entropy
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
-from kdzoo.types import Batch, Progress
+from kdzoo.types import CLASSIFICATION, SEGMENTATION, Batch, Progress
 
 
 @dataclass
@@ -20,10 +19,11 @@ class VanillaConfig:
 
 @register_method("vanilla")
 class Vanilla(Distiller):
+    supported_tasks = (CLASSIFICATION, SEGMENTATION)
     Config = VanillaConfig
     requires_teacher = False
 
     def compute_losses(
         self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
     ) -> dict[str, Tensor]:
-        return {"loss_ce": self.cfg.ce_weight * cross_entropy(student.logits, batch.target)}
+        return {"loss_ce": self.cfg.ce_weight * self.task_loss(student.logits, batch.target)}

@@ -20,7 +20,7 @@ is left untouched.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -30,6 +30,18 @@ from kdzoo.errors import UserInputError
 from kdzoo.models.taps import TAP_CONFIG_HINT, Tap, TapSpec, register_tap_resolver
 
 FOREIGN_PREFIXES = ("timm:", "torchvision:")
+
+# Post-build adapters (``model -> model``, or ``None`` when the adapter does not know the model): how a zoo
+# package makes a foreign model fit kdzoo's contract, ``forward(x) -> logits`` (kdzoo/models/segmentation/
+# torchvision_seg.py: torchvision's segmentation models return a dict). Registered by the package on import, so
+# this module knows no model family.
+ForeignAdapter = Callable[[nn.Module], "nn.Module | None"]
+_ADAPTERS: list[ForeignAdapter] = []
+
+
+def register_foreign_adapter(adapter: ForeignAdapter) -> ForeignAdapter:
+    _ADAPTERS.append(adapter)
+    return adapter
 
 
 # --------------------------------------------------------------------------------------------------- creation
@@ -47,6 +59,11 @@ def create_foreign_model(name: str, num_classes: int = 1000, **kwargs: Any) -> n
         model = _create_torchvision(arch, num_classes, kwargs)
     else:
         raise UserInputError(f"unknown model prefix in {name!r}; expected one of {FOREIGN_PREFIXES}")
+    for adapter in _ADAPTERS:
+        adapted = adapter(model)
+        if adapted is not None:
+            model = adapted
+            break
     model.kdzoo_name = name  # type: ignore[assignment]
     return model
 
@@ -74,6 +91,8 @@ def _create_torchvision(arch: str, num_classes: int, kwargs: dict[str, Any]) -> 
         hint = f" Did you mean {', '.join(repr('torchvision:' + c) for c in close)}?" if close else ""
         raise UserInputError(f"torchvision has no model {arch!r}.{hint}")
     kwargs.setdefault("weights", None)
+    if arch in torchvision.models.list_models(module=torchvision.models.segmentation):
+        kwargs.setdefault("weights_backbone", None)  # their builders default to ImageNet weights (a download)
     return torchvision.models.get_model(arch, num_classes=num_classes, **kwargs)
 
 
@@ -251,10 +270,11 @@ def safe_inplace(spec: TapSpec, model: nn.Module) -> TapSpec:
 def parse_tap(value: str | Mapping[str, Any], where: str = "tap") -> Tap:
     """``"layer1"`` (output), ``"in:layer4.1.relu#1"`` (input, 2nd call) or a dict of :class:`Tap` fields."""
     if isinstance(value, Mapping):
-        unknown = set(value) - {"module", "point", "call", "index", "transform"}
+        unknown = set(value) - {"module", "point", "call", "index", "transform", "crop"}
         if unknown or "module" not in value:
             raise UserInputError(
-                f"{where}: a tap mapping needs 'module' and may have point/call/index/transform; got {sorted(value)}"
+                f"{where}: a tap mapping needs 'module' and may have point/call/index/transform/crop; got "
+                f"{sorted(value)}"
             )
         if value.get("point", "output") not in ("output", "input"):
             raise UserInputError(f"{where}.point must be 'output' or 'input', got {value['point']!r}")

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
 
-TapGroup = Literal["feats", "preact", "pooled", "prepool"]
-ALL_GROUPS: tuple[TapGroup, ...] = ("feats", "preact", "pooled", "prepool")
+TapGroup = Literal["feats", "preact", "pooled", "prepool", "dense_logits"]
+ALL_GROUPS: tuple[TapGroup, ...] = ("feats", "preact", "pooled", "prepool", "dense_logits")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,9 @@ class Tap:
     ``point="input"`` reads the first positional input through a *pre*-hook, i.e. before the
     module can modify it in place; ``call`` selects which call of a module that runs several
     times per forward (torchvision's shared ``BasicBlock.relu``); ``index`` picks a tuple element;
-    ``transform`` covers values no module materialises.
+    ``transform`` covers values no module materialises; ``crop`` removes that many border pixels on every side
+    of the map (a module that runs on an explicitly padded input, e.g. the 1x1 expansion of a MobileNetV2 block
+    in pytorch-deeplab-xception, whose unpadded output is what the official OFD reads).
     """
 
     module: str
@@ -40,6 +42,7 @@ class Tap:
     call: int = 0
     index: int | None = None
     transform: Literal["flatten", "relu", "clone"] | None = None
+    crop: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class TapSpec:
             taps["pooled"] = self.pooled
         if "prepool" in wanted:
             taps["prepool"] = self.prepool if self.prepool is not None else self.stages[-1]
+        if "dense_logits" in wanted:
+            taps["dense_logits"] = Tap(self.classifier)
         return taps
 
 
@@ -83,7 +88,9 @@ class Outputs:
 
     ``feats`` = [stem, stage1, ..., stageL] post-activation (RepDistiller's ``is_feat`` list
     without its trailing pooled vector); ``preact`` = [stem, stage1_pre, ...]; ``pooled`` = the
-    classifier's flattened input; ``prepool`` = the map global pooling reduces to ``pooled``.
+    classifier's flattened input; ``prepool`` = the map global pooling reduces to ``pooled``;
+    ``dense_logits`` = the classifier module's own output: for a segmentation network the class-score map
+    before it is upsampled to the input size (what pixel KD and CWD distil), for a classifier the logits.
     Unrequested groups are empty lists / ``None``.
     """
 
@@ -92,6 +99,7 @@ class Outputs:
     preact: list[Tensor] = field(default_factory=list)
     pooled: Tensor | None = None
     prepool: Tensor | None = None
+    dense_logits: Tensor | None = None
 
     def repdistiller_list(self) -> list[Tensor]:
         """RepDistiller's ``forward(x, is_feat=True)`` list ``[f0, ..., fL, pooled]``."""
@@ -105,6 +113,7 @@ class Outputs:
             preact=[f.detach() for f in self.preact],
             pooled=None if self.pooled is None else self.pooled.detach(),
             prepool=None if self.prepool is None else self.prepool.detach(),
+            dense_logits=None if self.dense_logits is None else self.dense_logits.detach(),
         )
 
 
@@ -152,6 +161,8 @@ def _apply(tap: Tap, value: object) -> Tensor:
         value = torch.relu(value)
     elif tap.transform == "clone":
         value = value.clone()
+    if tap.crop:
+        value = value[..., tap.crop : -tap.crop, tap.crop : -tap.crop]
     return value
 
 
@@ -220,6 +231,8 @@ class FeatureExtractor:
             out.pooled = store["pooled"]
         if "prepool" in self.groups:
             out.prepool = store["prepool"]
+        if "dense_logits" in self.groups:
+            out.dense_logits = store["dense_logits"]
         self._store.clear()
         return out
 

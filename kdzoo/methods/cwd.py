@@ -1,0 +1,61 @@
+"""CWD — Shu, Liu, Gao, Yan, Shen, "Channel-wise Knowledge Distillation for Dense Prediction", ICCV 2021,
+arXiv 2011.13256 (docs/methods/cwd.md). Reference: MMRazor ``mmrazor/models/losses/cwd.py``
+(``ChannelWiseDivergence``), the standard dense-prediction KD in OpenMMLab, on the class-score maps of
+both networks before upsampling (MMRazor records ``decode_head.conv_seg``; kdzoo's ``dense_logits`` tap)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdzoo.methods.base import Distiller
+from kdzoo.methods.losses import at_least_fp32, autocast_off
+from kdzoo.methods.registry import register_method
+from kdzoo.models.taps import Outputs
+from kdzoo.types import SEGMENTATION, Batch, Progress
+
+
+@dataclass
+class CWDConfig:
+    # MMRazor configs/distill/mmseg/cwd/cwd_logits_pspnet_r101-d8_pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py:
+    # loss_cwd=dict(type='ChannelWiseDivergence', tau=1, loss_weight=5).
+    tau: float = 1.0
+    cwd_weight: float = 5.0
+    ce_weight: float = 1.0  # the student's own segmentation loss, unweighted (MMRazor keeps the decode loss as is)
+
+
+def channel_wise_divergence(student_map: Tensor, teacher_map: Tensor, tau: float) -> Tensor:
+    """Paper Eq. 4: each channel's H*W map becomes a distribution by a spatial softmax at temperature ``tau``;
+    tau^2 * KL(teacher || student) summed over the pixels and the channels, divided by C * N (MMRazor's
+    normalisation). fp32 with autocast off (docs/design.md)."""
+    if student_map.shape != teacher_map.shape:
+        raise ValueError(f"CWD needs equal maps, got {tuple(student_map.shape)} and {tuple(teacher_map.shape)}")
+    n, c = student_map.shape[:2]
+    with autocast_off(student_map):
+        log_p_s = F.log_softmax(at_least_fp32(student_map).flatten(2) / tau, dim=2)
+        log_p_t = F.log_softmax(at_least_fp32(teacher_map).flatten(2) / tau, dim=2)
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
+    return kl * tau**2 / (c * n)
+
+
+@register_method("cwd")
+class CWD(Distiller):
+    Config = CWDConfig
+    supported_tasks = (SEGMENTATION,)
+    teacher_taps = ("dense_logits",)
+    student_taps = ("dense_logits",)
+
+    def build(self) -> None:
+        self.check_dense_logits_agree("CWD distils the class-score maps of both networks")
+
+    def compute_losses(
+        self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
+    ) -> dict[str, Tensor]:
+        assert teacher is not None and student.dense_logits is not None and teacher.dense_logits is not None
+        cfg = self.cfg
+        losses = {"loss_ce": cfg.ce_weight * self.task_loss(student.logits, batch.target)}
+        losses["loss_cwd"] = cfg.cwd_weight * channel_wise_divergence(student.dense_logits, teacher.dense_logits,
+                                                                      cfg.tau)
+        return losses
