@@ -33,7 +33,26 @@ from kdzoo.engine.run import run_training
 from kdzoo.methods.base import Distiller
 from kdzoo.methods.registry import create_distiller, list_methods
 from kdzoo.models.registry import create_model
-from kdzoo.types import Batch, DatasetInfo, Progress
+from kdzoo.types import CLASSIFICATION, SEGMENTATION, Batch, DatasetInfo, Progress, TaskSpec
+
+
+@dataclass(frozen=True)
+class BenchSetting:
+    """What one task's benchmark runs by default: the pair, the batch, the image size, the classes."""
+
+    teacher: str
+    student: str
+    batch_size: int
+    image_size: int
+    num_classes: int
+
+
+# Classification: the CIFAR-100 pair every KD paper reports. Segmentation: the overhaul-distillation VOC pair at a
+# CPU-sized crop (the recipe's 513 crops and batch 6 are the GPU setting: pass --image-size 513 --batch-size 6).
+BENCH_SETTINGS: dict[str, BenchSetting] = {
+    CLASSIFICATION: BenchSetting("resnet32x4", "resnet8x4", 64, 32, 100),
+    SEGMENTATION: BenchSetting("deeplabv3plus_resnet101", "deeplabv3plus_resnet18", 2, 129, 21),
+}
 
 
 @dataclass
@@ -104,6 +123,7 @@ class BenchInputs:
     memory_format: torch.memory_format
     warmup: int
     steps: int
+    task: TaskSpec
 
 
 def run_bench(
@@ -117,14 +137,20 @@ def run_bench(
     num_classes: int = 100,
     with_cache: bool = False,
     channels_last: bool = False,
+    task: str = CLASSIFICATION,
+    image_size: int = 32,
 ) -> list[Timing]:
     """The floor rows, then one row per method (and per cached-teacher variant with ``with_cache``).
     ``channels_last``: every network, method module and the batch in that memory format (the
-    ``runtime.channels_last`` fast path), floor included, so the ratios stay like for like."""
-    inputs = _bench_inputs(teacher_name, batch_size, device_name, num_classes, warmup, steps, channels_last)
+    ``runtime.channels_last`` fast path), floor included, so the ratios stay like for like. ``task``:
+    segmentation benches dense models on ``image_size`` crops with per-pixel labels (methods that do not
+    support the task are left out)."""
+    inputs = _bench_inputs(teacher_name, batch_size, device_name, num_classes, warmup, steps, channels_last,
+                           TaskSpec(task), image_size)
     results = _floor_timings(inputs, student_name, num_classes)
-    for name in methods or list(list_methods()):
-        distiller = _build(name, inputs.teacher, student_name, num_classes, inputs.device)
+    candidates = methods or [n for n, cls in list_methods().items() if task in cls.supported_tasks]
+    for name in candidates:
+        distiller = _build(name, inputs, student_name, num_classes)
         if distiller is None:
             continue
         results.extend(_method_timings(name, distiller, inputs, with_cache))
@@ -134,16 +160,17 @@ def run_bench(
 
 
 def _bench_inputs(teacher_name: str, batch_size: int, device_name: str, num_classes: int, warmup: int, steps: int,
-                  channels_last: bool) -> BenchInputs:
+                  channels_last: bool, task: TaskSpec, image_size: int) -> BenchInputs:
     device = torch.device(device_name)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
-    target = torch.randint(0, num_classes, (batch_size,), device=device)
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
+    label_shape = (batch_size, image_size, image_size) if task.name == SEGMENTATION else (batch_size,)
+    target = torch.randint(0, num_classes, label_shape, device=device)
     index = torch.randint(0, 50000, (batch_size,), device=device)
     teacher = create_model(teacher_name, num_classes=num_classes).to(device, memory_format=memory_format)
     teacher.eval().requires_grad_(False)
-    return BenchInputs(images, target, index, teacher, device, memory_format, warmup, steps)
+    return BenchInputs(images, target, index, teacher, device, memory_format, warmup, steps, task)
 
 
 def _timed(name: str, step: Callable[[], None], inputs: BenchInputs, extra_params: int = 0) -> Timing:
@@ -201,12 +228,13 @@ def _method_timings(name: str, distiller: Distiller, inputs: BenchInputs, with_c
     return timings
 
 
-def _build(name: str, teacher: torch.nn.Module, student_name: str, num_classes: int,
-           device: torch.device) -> Distiller | None:
+def _build(name: str, inputs: BenchInputs, student_name: str, num_classes: int) -> Distiller | None:
+    device = inputs.device
     student = create_model(student_name, num_classes=num_classes).to(device)
     try:
         cls = list_methods()[name]
-        distiller = create_distiller(name, student=student, teacher=teacher if cls.requires_teacher else None)
+        distiller = create_distiller(name, student=student, teacher=inputs.teacher if cls.requires_teacher else None,
+                                     input_shape=tuple(inputs.images.shape[1:]), task=inputs.task)
     except Exception as exc:  # a method that cannot run on this pair is reported, not fatal
         print(f"# {name}: skipped ({exc})", file=sys.stderr)
         return None

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from kdzoo.bench import format_table, run_bench, time_epoch
+from kdzoo.bench import BENCH_SETTINGS, format_table, run_bench, time_epoch
 from kdzoo.config.loader import config_from_dict, deep_merge, load_config, parse_overrides
 from kdzoo.data.datasets import build_data
-from kdzoo.demo import run_demo
+from kdzoo.demo import run_demo, run_segmentation_demo
 from kdzoo.engine.metrics import EVALUATORS, PRIMARY_METRIC, EvalContext
 from kdzoo.engine.run import run_training
 from kdzoo.engine.runtime import resolve_device
@@ -25,6 +25,7 @@ from kdzoo.errors import UserInputError
 from kdzoo.methods.registry import list_methods
 from kdzoo.models.registry import count_parameters, create_model, list_models
 from kdzoo.plot import plot_runs
+from kdzoo.types import CLASSIFICATION, SEGMENTATION, TASKS
 
 EXIT_USER_ERROR = 2
 
@@ -100,7 +101,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
 
-    run_demo(output_dir=args.output_dir, epochs=args.epochs, teacher_epochs=args.teacher_epochs)
+    if args.task == SEGMENTATION:
+        run_segmentation_demo(output_dir=args.output_dir, epochs=args.epochs, teacher_epochs=args.teacher_epochs,
+                              data_root=args.data_root)
+    else:
+        run_demo(output_dir=args.output_dir, epochs=args.epochs, teacher_epochs=args.teacher_epochs)
     return 0
 
 
@@ -110,17 +115,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = run_bench(args.teacher, args.student, args.batch_size, args.device,
+    setting = BENCH_SETTINGS[args.task]
+    teacher, student = args.teacher or setting.teacher, args.student or setting.student
+    batch_size, image_size = args.batch_size or setting.batch_size, args.image_size or setting.image_size
+    results = run_bench(teacher, student, batch_size, args.device,
                         args.methods.split(",") if args.methods else None, args.warmup, args.steps,
-                        with_cache=args.with_cache, channels_last=args.channels_last)
+                        num_classes=setting.num_classes, with_cache=args.with_cache, channels_last=args.channels_last,
+                        task=args.task, image_size=image_size)
     command = "kdzoo bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "kdzoo bench"
     layout = ", channels_last" if args.channels_last else ""
-    header = (f"`{command}` — {args.teacher} -> {args.student}, batch {args.batch_size}, {args.device}{layout}, "
+    header = (f"`{command}` — {args.task}, {teacher} -> {student}, batch {batch_size}, {image_size}x{image_size}, "
+              f"{args.device}{layout}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
               f"{platform.processor() or platform.machine()}")
     if args.epoch_samples:
 
-        results.append(time_epoch("kd", args.teacher, args.student, args.batch_size, args.device, args.data_root,
+        results.append(time_epoch("kd", teacher, student, batch_size, args.device, args.data_root,
                                   args.epoch_samples, args.output_dir))
     print(format_table(results, header))
     return 0
@@ -177,15 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="teacher, student, KD and DKD on the embedded MNIST-5k dataset")
+    demo.add_argument("--task", default=CLASSIFICATION, choices=TASKS)
+    demo.add_argument("--data-root", default="data", help="segmentation: where the nuclei VOC tree is written")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--epochs", type=int, default=None, help="student epochs (default: the demo's budget)")
     demo.add_argument("--teacher-epochs", type=int, default=None)
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="s/step of every method vs the compute floor")
-    bench.add_argument("--teacher", default="resnet32x4")
-    bench.add_argument("--student", default="resnet8x4")
-    bench.add_argument("--batch-size", type=int, default=64)
+    bench.add_argument("--task", default=CLASSIFICATION, choices=TASKS)
+    bench.add_argument("--teacher", default=None, help="default: resnet32x4 / deeplabv3plus_resnet101")
+    bench.add_argument("--student", default=None, help="default: resnet8x4 / deeplabv3plus_resnet18")
+    bench.add_argument("--batch-size", type=int, default=None, help="default: 64 / 2")
+    bench.add_argument("--image-size", type=int, default=None, help="default: 32 / 129")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--methods", default=None, help="comma-separated subset (default: all registered)")
     bench.add_argument("--warmup", type=int, default=3)

@@ -30,16 +30,21 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _series(records: list[dict[str, Any]]) -> tuple[list[int], list[float | None], list[float]]:
-    """x = epochs counted across stages (a multi-stage run's init epochs come first), top-1 (None where
-    evaluation was skipped) and the sum of the train/loss_* terms."""
+def _series(records: list[dict[str, Any]], metric: str = "top1") -> tuple[list[int], list[float | None], list[float]]:
+    """x = epochs counted across stages (a multi-stage run's init epochs come first), the evaluation metric
+    (None where evaluation was skipped) and the sum of the train/loss_* terms."""
     x = list(range(1, len(records) + 1))
-    top1 = [r.get("top1") for r in records]
+    top1 = [r.get(metric) for r in records]
     loss = [sum(v for k, v in r.items() if k.startswith("train/loss_")) for r in records]
     return x, top1, loss
 
 
-def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, labels: Sequence[str] | None = None) -> Path:
+METRIC_LABELS = {"top1": ("test top-1 (%)", "accuracy"), "miou": ("validation mIoU (%)", "mean IoU")}
+
+
+def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, labels: Sequence[str] | None = None,
+              metric: str = "top1") -> Path:
+    """Evaluation ``metric`` (``top1``, ``miou``, any record key) and training loss per epoch of each run."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, same output everywhere
@@ -50,11 +55,12 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, labels: Sequen
     runs = [(labels[i] if labels else Path(d).name, read_metrics(d)) for i, d in enumerate(run_dirs)]
     figure, (acc_axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     for label, records in runs:
-        x, top1, loss = _series(records)
+        x, top1, loss = _series(records, metric)
         points = [(e, t) for e, t in zip(x, top1, strict=True) if t is not None]
         acc_axis.plot([e for e, _ in points], [t for _, t in points], marker="o", markersize=3, label=label)
         loss_axis.plot(x, loss, marker="o", markersize=3, label=label)
-    acc_axis.set(xlabel="epoch", ylabel="test top-1 (%)", title="accuracy")
+    ylabel, title = METRIC_LABELS.get(metric, (metric, metric))
+    acc_axis.set(xlabel="epoch", ylabel=ylabel, title=title)
     loss_axis.set(xlabel="epoch", ylabel="sum of training loss terms", title="training loss", yscale="log")
     for axis in (acc_axis, loss_axis):
         axis.grid(alpha=0.3)

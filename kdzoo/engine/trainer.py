@@ -501,6 +501,11 @@ class Trainer:
         ctx = EvalContext(task, self.parts.data.num_classes, self.amp, self.amp_dtype,
                           sharded=self.parts.data.test_sharded and self.parts.world_size > 1)
         for i, (name, model) in enumerate(self.distiller.evaluation_models().items()):
+            if ctx.sharded:
+                # Each process's BatchNorm statistics moved in its own last forward (DDP broadcasts rank 0's only
+                # at the start of the next one): evaluate rank 0's, the model that is exported, on every shard.
+                for buffer in model.buffers():
+                    dist.broadcast(buffer, src=0)
             metrics = EVALUATORS[task.name](model, self.parts.data.test, ctx)
             prefix = "" if i == 0 else f"{name}/"
             out.update({f"{prefix}{k}": v for k, v in metrics.items()})
