@@ -79,17 +79,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "methods":
 
+        print(f"{'name':14s} {'tasks':29s} reference")
         for name, cls in list_methods().items():
             doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-            print(f"{name:14s} {doc}")
+            print(f"{name:14s} {', '.join(cls.supported_tasks):29s} {doc}")
     elif args.what == "models":
 
 
-        print(f"{'name':22s} {'family':9s} {'params (100 cls)':>16s}")
+        print(f"{'name':26s} {'family':12s} {'params (100 cls)':>16s}")
         for entry in list_models():
             with torch.device("meta"):
                 params = count_parameters(create_model(entry.name, num_classes=100))
-            print(f"{entry.name:22s} {entry.family:9s} {params:16,d}")
+            print(f"{entry.name:26s} {entry.family:12s} {params:16,d}")
         print("plus any timm:<name> or torchvision:<name> model")
     else:
         root = _configs_root()

@@ -25,7 +25,7 @@ TEACHER, STUDENT = "resnet20", "resnet8"
 DEFAULT_TEACHER_EPOCHS, DEFAULT_STUDENT_EPOCHS = 8, 8
 
 SEG_TEACHER, SEG_STUDENT = "deeplabv3plus_resnet18", "deeplabv3plus_mobilenetv2"
-SEG_TEACHER_EPOCHS, SEG_STUDENT_EPOCHS = 6, 4
+SEG_TEACHER_EPOCHS, SEG_STUDENT_EPOCHS = 20, 20
 
 
 def _config(name: str, output_dir: Path, model: str, method: dict[str, Any], epochs: int,
@@ -52,7 +52,7 @@ def _segmentation_config(name: str, output_dir: Path, data_root: str, model: str
         "experiment": {"name": name, "output_dir": str(output_dir), "seed": 0},
         # 96-pixel crops of the 128-pixel tiles (random scale from [64, 256]); whole tiles for validation.
         "data": {"dataset": "nuclei", "root": data_root, "batch_size": 8, "test_batch_size": 4, "crop_size": 96,
-                 "base_size": 96, "num_workers": 2},
+                 "base_size": 96, "num_workers": 0},
         "student": {"name": model},
         "method": method,
         # The VOC recipe's optimiser (poly decay, 10x head lr) at an lr for training from scratch.

@@ -122,3 +122,26 @@ def test_torchrun_segmentation_all_reduces_the_confusion_matrix(tmp_path, data_r
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     miou = float(re.search(r"miou (\d+\.\d+)", evaluated.stdout).group(1))
     assert miou == pytest.approx(records[-1]["miou"], abs=0.006)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S + MARGIN_S)
+def test_the_voc_ofd_recipe_trains_end_to_end_on_the_demo_data(tmp_path, data_root):
+    """The published recipe's command shape, pointed at the nuclei tiles at a small crop (random-weight R101
+    teacher in the pytorch-deeplab-xception file layout; no ImageNet backbone file here)."""
+    teacher = tmp_path / "deeplab-resnet.pth.tar"
+    torch.manual_seed(0)
+    state = kdzoo.create_model("deeplabv3plus_resnet101", num_classes=3).state_dict()
+    torch.save({"epoch": 50, "state_dict": state, "optimizer": {}, "best_pred": 0.7789}, teacher)
+    out = tmp_path / "runs"
+    result = _kdzoo(["train", str(REPO_ROOT / "configs/voc/ofd/deeplabv3plus_r101_mobilenetv2.yaml"),
+                     "data.dataset=nuclei", f"data.root={data_root}", "data.sbd_root=null", "data.crop_size=64",
+                     "data.base_size=64", "data.subset=8", "data.batch_size=4", "data.num_workers=0",
+                     "schedule.epochs=1", f"teacher.checkpoint={teacher}", "student.backbone_checkpoint=null",
+                     f"experiment.output_dir={out}", "runtime.device=cpu", "runtime.progress=false"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = out / "voc_ofd_deeplabv3plus_r101_mobilenetv2"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in records] == [("init", 2), ("main", 4)]
+    assert set(records[1]) >= {"train/loss_ce", "train/loss_ofd", "miou", "iou/0"}
+    assert (run_dir / "student_last.pt").is_file()
