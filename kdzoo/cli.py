@@ -28,6 +28,7 @@ from kdzoo.plot import plot_runs
 from kdzoo.types import CLASSIFICATION, SEGMENTATION, TASKS
 
 EXIT_USER_ERROR = 2
+METRIC_NAMES = {"top1": "top-1", "top5": "top-5"}
 
 
 def _configs_root() -> Path:
@@ -72,7 +73,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     primary = PRIMARY_METRIC[task.name]
     shown = [primary, *(k for k in metrics if k != primary and "/" not in k)]
     print(f"{args.model or args.checkpoint} on {cfg.data.dataset} (evaluation split): "
-          + "  ".join(f"{k} {metrics[k]:.4f}" if k == "loss" else f"{k} {metrics[k]:.2f}" for k in shown))
+          + "  ".join(f"{k} {metrics[k]:.4f}" if k == "loss" else f"{METRIC_NAMES.get(k, k)} {metrics[k]:.2f}"
+                      for k in shown))
     return 0
 
 

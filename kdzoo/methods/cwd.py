@@ -10,11 +10,9 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdzoo.methods.base import Distiller
+from kdzoo.methods.dense_logits import DenseLogitDistiller
 from kdzoo.methods.losses import at_least_fp32, autocast_off
 from kdzoo.methods.registry import register_method
-from kdzoo.models.taps import Outputs
-from kdzoo.types import SEGMENTATION, Batch, Progress
 
 
 @dataclass
@@ -41,21 +39,11 @@ def channel_wise_divergence(student_map: Tensor, teacher_map: Tensor, tau: float
 
 
 @register_method("cwd")
-class CWD(Distiller):
+class CWD(DenseLogitDistiller):
     Config = CWDConfig
-    supported_tasks = (SEGMENTATION,)
-    teacher_taps = ("dense_logits",)
-    student_taps = ("dense_logits",)
+    loss_name = "loss_cwd"
+    weight_key = "cwd_weight"
+    purpose = "CWD distils the class-score maps of both networks"
 
-    def build(self) -> None:
-        self.check_dense_logits_agree("CWD distils the class-score maps of both networks")
-
-    def compute_losses(
-        self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
-    ) -> dict[str, Tensor]:
-        assert teacher is not None and student.dense_logits is not None and teacher.dense_logits is not None
-        cfg = self.cfg
-        losses = {"loss_ce": cfg.ce_weight * self.task_loss(student.logits, batch.target)}
-        losses["loss_cwd"] = cfg.cwd_weight * channel_wise_divergence(student.dense_logits, teacher.dense_logits,
-                                                                      cfg.tau)
-        return losses
+    def dense_term(self, student_map: Tensor, teacher_map: Tensor) -> Tensor:
+        return channel_wise_divergence(student_map, teacher_map, self.cfg.tau)

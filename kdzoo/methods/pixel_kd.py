@@ -10,11 +10,9 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdzoo.methods.base import Distiller
+from kdzoo.methods.dense_logits import DenseLogitDistiller
 from kdzoo.methods.losses import at_least_fp32, autocast_off
 from kdzoo.methods.registry import register_method
-from kdzoo.models.taps import Outputs
-from kdzoo.types import SEGMENTATION, Batch, Progress
 
 
 @dataclass
@@ -40,21 +38,11 @@ def pixel_kd_loss(student_map: Tensor, teacher_map: Tensor, temperature: float) 
 
 
 @register_method("pixel_kd")
-class PixelKD(Distiller):
+class PixelKD(DenseLogitDistiller):
     Config = PixelKDConfig
-    supported_tasks = (SEGMENTATION,)
-    teacher_taps = ("dense_logits",)
-    student_taps = ("dense_logits",)
+    loss_name = "loss_pixel_kd"
+    weight_key = "pixel_weight"
+    purpose = "pixel KD compares the class-score maps of both networks"
 
-    def build(self) -> None:
-        self.check_dense_logits_agree("pixel KD compares the class-score maps of both networks")
-
-    def compute_losses(
-        self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
-    ) -> dict[str, Tensor]:
-        assert teacher is not None and student.dense_logits is not None and teacher.dense_logits is not None
-        cfg = self.cfg
-        losses = {"loss_ce": cfg.ce_weight * self.task_loss(student.logits, batch.target)}
-        losses["loss_pixel_kd"] = cfg.pixel_weight * pixel_kd_loss(student.dense_logits, teacher.dense_logits,
-                                                                   cfg.temperature)
-        return losses
+    def dense_term(self, student_map: Tensor, teacher_map: Tensor) -> Tensor:
+        return pixel_kd_loss(student_map, teacher_map, self.cfg.temperature)

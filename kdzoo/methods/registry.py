@@ -32,7 +32,7 @@ def _ensure_loaded() -> None:
     """Import every method module of this folder, which runs its ``@register_method`` (a new method is one
     new file; nothing else lists it)."""
     for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        if info.name not in ("base", "registry", "losses", "init_stage", "projectors"):
+        if info.name not in ("base", "registry", "losses", "init_stage", "projectors", "dense_logits"):
             importlib.import_module(f"kdzoo.methods.{info.name}")
 
 

@@ -109,26 +109,14 @@ def derive_tap_spec(model: nn.Module) -> TapSpec | None:
 def _torchvision_spec(model: nn.Module) -> TapSpec | None:
     try:
         from torchvision.models import MobileNetV2, ResNet
-        from torchvision.models.resnet import BasicBlock, Bottleneck
     except ImportError:  # pragma: no cover - torchvision is a dependency
         return None
     if isinstance(model, ResNet):
         layers = [f"layer{i}" for i in (1, 2, 3, 4)]
-        pre: list[Tap] = []
-        bns: list[str] = []
-        for layer in layers:
-            stage = model.get_submodule(layer)
-            last = f"{layer}.{len(stage) - 1}"  # type: ignore[arg-type]
-            block = stage[-1]  # type: ignore[index]
-            # The block's `relu` is shared: called after bn1 (and bn2 in a Bottleneck), then after the add.
-            if isinstance(block, Bottleneck):
-                pre.append(Tap(f"{last}.relu", point="input", call=2))
-                bns.append(f"{last}.bn3")
-            elif isinstance(block, BasicBlock):
-                pre.append(Tap(f"{last}.relu", point="input", call=1))
-                bns.append(f"{last}.bn2")
-            else:
-                return None
+        pre_taps = torchvision_resnet_pre_taps(model, layers, "")
+        if pre_taps is None:
+            return None
+        pre, bns = pre_taps
         return TapSpec(
             stem=Tap("relu"),
             stages=tuple(Tap(layer) for layer in layers),
@@ -154,6 +142,32 @@ def _torchvision_spec(model: nn.Module) -> TapSpec | None:
             prepool=Tap("features"),  # ends with the 1280-channel 1x1 conv; pooling is functional
         )
     return None
+
+
+def torchvision_resnet_pre_taps(body: nn.Module, layers: list[str], prefix: str) -> tuple[list[Tap], list[str]] | None:
+    """The pre-ReLU tap of each stage of a torchvision ResNet body (the input of the last block's shared ``relu``
+    at its final call, after the add) and the BatchNorm feeding it; ``prefix`` is the body's module path in the
+    whole model. ``None`` when a stage does not end in a torchvision BasicBlock / Bottleneck."""
+    try:
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return None
+    pre: list[Tap] = []
+    bns: list[str] = []
+    for layer in layers:
+        stage = body.get_submodule(layer)
+        last = f"{prefix}{layer}.{len(stage) - 1}"  # type: ignore[arg-type]
+        block = stage[-1]  # type: ignore[index]
+        # The block's `relu` is shared: called after bn1 (and bn2 in a Bottleneck), then after the add.
+        if isinstance(block, Bottleneck):
+            pre.append(Tap(f"{last}.relu", point="input", call=2))
+            bns.append(f"{last}.bn3")
+        elif isinstance(block, BasicBlock):
+            pre.append(Tap(f"{last}.relu", point="input", call=1))
+            bns.append(f"{last}.bn2")
+        else:
+            return None
+    return pre, bns
 
 
 def _mobilenetv2_stage_ends(features: nn.Sequential) -> list[int] | None:

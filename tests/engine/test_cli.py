@@ -191,7 +191,22 @@ def test_bench_channels_last_converts_everything(capsys, monkeypatch):
                  "--warmup", "0", "--methods", "kd,reviewkd", "--channels-last"])
     assert code == 0
     table = capsys.readouterr().out
-    assert "batch 4, cpu, channels_last," in table.splitlines()[0]
+    assert "batch 4, 32x32, cpu, channels_last," in table.splitlines()[0]
     assert layouts and all(inp and weight for inp, weight in layouts)
     rows = {line.split("|")[1].strip(): line.split("|") for line in table.splitlines() if line.startswith("| ")}
     assert {"kd", "reviewkd"} <= set(rows)
+
+
+def test_bench_segmentation_times_the_dense_methods_against_their_floor(capsys):
+    """``--task segmentation``: dense pair, per-pixel labels, only the methods declaring the task."""
+    code = main(["bench", "--task", "segmentation", "--teacher", "deeplabv3plus_resnet18", "--student",
+                 "deeplabv3plus_mobilenetv2", "--batch-size", "2", "--image-size", "33", "--steps", "1",
+                 "--warmup", "0"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "segmentation, deeplabv3plus_resnet18 -> deeplabv3plus_mobilenetv2, batch 2, 33x33" in table
+    rows = {line.split("|")[1].strip(): line.split("|") for line in table.splitlines() if line.startswith("| ")}
+    assert {"vanilla", "ofd", "cwd", "pixel_kd", "fitnet", "at"} <= set(rows)
+    assert not {"kd", "dkd", "crd"} & set(rows)  # classification-only methods are left out
+    # CWD and pixel KD read maps the forward computes anyway: no FLOPs beyond the floor; OFD adds its connectors.
+    assert float(rows["cwd"][7]) == 1.0 and float(rows["pixel_kd"][7]) == 1.0 and float(rows["ofd"][7]) > 1.0

@@ -19,11 +19,10 @@ from typing import Any
 
 from torch import Tensor, nn
 from torchvision.models.mobilenetv3 import InvertedResidual as MobileNetV3Block
-from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.segmentation import FCN, LRASPP, DeepLabV3
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
-from kdzoo.models.foreign import register_foreign_adapter, safe_inplace
+from kdzoo.models.foreign import register_foreign_adapter, safe_inplace, torchvision_resnet_pre_taps
 from kdzoo.models.taps import Tap, TapSpec
 
 
@@ -54,21 +53,10 @@ def _resnet_body(body: nn.Module) -> dict[str, Any] | None:
     children = dict(body.named_children())
     if not all(name in children for name in layers):
         return None
-    pre: list[Tap] = []
-    bns: list[str] = []
-    for name in layers:
-        stage = children[name]
-        last = f"backbone.{name}.{len(stage) - 1}"  # type: ignore[arg-type]
-        block = stage[-1]  # type: ignore[index]
-        # torchvision's block ReLU is shared: the last call (after the add) reads the pre-activation sum.
-        if isinstance(block, Bottleneck):
-            pre.append(Tap(f"{last}.relu", point="input", call=2))
-            bns.append(f"{last}.bn3")
-        elif isinstance(block, BasicBlock):
-            pre.append(Tap(f"{last}.relu", point="input", call=1))
-            bns.append(f"{last}.bn2")
-        else:
-            return None
+    pre_taps = torchvision_resnet_pre_taps(body, layers, "backbone.")
+    if pre_taps is None:
+        return None
+    pre, bns = pre_taps
     return {
         "stem": Tap("backbone.relu"),
         "stages": tuple(Tap(f"backbone.{name}") for name in layers),
