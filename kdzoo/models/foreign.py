@@ -91,7 +91,8 @@ def _create_torchvision(arch: str, num_classes: int, kwargs: dict[str, Any]) -> 
         hint = f" Did you mean {', '.join(repr('torchvision:' + c) for c in close)}?" if close else ""
         raise UserInputError(f"torchvision has no model {arch!r}.{hint}")
     kwargs.setdefault("weights", None)
-    if arch in torchvision.models.list_models(module=torchvision.models.segmentation):
+    with_backbone = (torchvision.models.segmentation, torchvision.models.detection)
+    if any(arch in torchvision.models.list_models(module=m) for m in with_backbone):
         kwargs.setdefault("weights_backbone", None)  # their builders default to ImageNet weights (a download)
     return torchvision.models.get_model(arch, num_classes=num_classes, **kwargs)
 
