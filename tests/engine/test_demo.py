@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kdzoo.demo import run_demo
+from kdzoo.demo import run_demo, run_segmentation_demo
 from kdzoo.plot import read_metrics
 
 
@@ -26,3 +26,19 @@ def test_demo_trains_teacher_and_three_students_and_plots_them(tmp_path, capsys)
     out = capsys.readouterr().out
     curves = Path(out.split("curves: ")[1].split()[0])
     assert curves.parent.parent == tmp_path and curves.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_segmentation_demo_trains_on_the_real_nuclei_masks(tmp_path, capsys):
+    rows = run_segmentation_demo(str(tmp_path / "runs"), epochs=1, teacher_epochs=1, data_root=str(tmp_path))
+    assert [r["run"] for r in rows] == ["teacher R18", "student MV2", "OFD MV2", "CWD MV2"]
+    assert (tmp_path / "nuclei-voc" / "ImageSets" / "Segmentation" / "val.txt").is_file()  # the VOC layout
+    for row in rows:
+        records = read_metrics(row["run_dir"])
+        assert row["metric"] == "miou" and len(records) == 1 and row["last"] == records[0]["miou"]
+        assert 0.0 < row["last"] <= 100.0 and {"iou/0", "pixel_acc"} <= set(records[0])
+    assert {"train/loss_ce", "train/loss_ofd"} <= set(read_metrics(rows[2]["run_dir"])[0])
+    assert {"train/loss_ce", "train/loss_cwd"} <= set(read_metrics(rows[3]["run_dir"])[0])
+    out = capsys.readouterr().out
+    assert "last mIoU" in out and Path(out.split("curves: ")[1].split()[0]).read_bytes()[:4] == b"\x89PNG"
