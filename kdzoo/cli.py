@@ -18,7 +18,14 @@ from kdzoo.demo import run_demo, run_segmentation_demo
 from kdzoo.engine.metrics import EVALUATORS, PRIMARY_METRIC, EvalContext
 from kdzoo.engine.run import run_training
 from kdzoo.engine.runtime import resolve_device
-from kdzoo.engine.setup import build_model, cache_key_for, load_model_for_eval, load_weights, task_spec
+from kdzoo.engine.setup import (
+    build_model,
+    cache_key_for,
+    load_model_for_eval,
+    load_weights,
+    recorded_model_name,
+    task_spec,
+)
 from kdzoo.engine.stop import TrainingStopped
 from kdzoo.engine.teacher_cache import TeacherCache, build_cache, verify_cache
 from kdzoo.errors import UserInputError
@@ -62,7 +69,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
 
 
-    raw = deep_merge({"student": {"name": args.model or "resnet8"}}, parse_overrides(args.overrides))
+    # The config only describes the data and the runtime here; its student is the evaluated architecture.
+    name = args.model or recorded_model_name(args.checkpoint) or "resnet8"
+    raw = deep_merge({"student": {"name": name}}, parse_overrides(args.overrides))
     cfg = config_from_dict(raw)
     device = resolve_device(cfg.runtime.device)
     data = build_data(cfg.data, seed=cfg.experiment.seed, device=device)

@@ -21,7 +21,8 @@ from kdzoo.data.datasets import dataset_task
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import build_method_config, check_task_supported, stage_overrides
 from kdzoo.methods.registry import method_class
-from kdzoo.models.registry import canonical_name
+from kdzoo.models.registry import model_entry
+from kdzoo.types import CLASSIFICATION, SEGMENTATION, TASKS
 from kdzoo.validation import merge_into_schema
 
 
@@ -130,16 +131,34 @@ def validate(cfg: Config) -> None:
                 f"method.stages names stage {override.name!r}, but {method_cls.name} declares the stages "
                 f"{list(method_cls.declared_stages)}"
             )
-    canonical_name(cfg.student.name)
+    check_model_task(cfg.student.name, cfg.task, "student")
     if method_cls.requires_teacher:
         if not cfg.teacher.name:
             raise UserInputError(f"method {method_cls.name!r} distils from a teacher: set teacher.name")
-        canonical_name(cfg.teacher.name)
+        check_model_task(cfg.teacher.name, cfg.task, "teacher")
         if not cfg.teacher.checkpoint:
             raise UserInputError(
                 f"method {method_cls.name!r} needs a trained teacher: set teacher.checkpoint to its weights "
                 "(RepDistiller / mdistiller / kdzoo checkpoint or a plain state_dict)"
             )
+
+
+# Zoo families built for a task other than classification (every other family classifies).
+FAMILY_TASKS = {"segmentation": SEGMENTATION, "detection": "detection"}
+
+
+def check_model_task(name: str, task: str, role: str) -> None:
+    """A known zoo model must be built for the run's task: a segmentation network cannot be trained as a
+    classifier and vice versa (foreign ``timm:`` / ``torchvision:`` names are checked when built)."""
+    entry = model_entry(name)  # also rejects unknown names, with suggestions
+    if entry is None:
+        return
+    model_task = FAMILY_TASKS.get(entry.family, CLASSIFICATION)
+    if model_task == task:
+        return
+    hint = (" (the detection task is not available in configs yet; kdzoo.models.detection provides the detectors "
+            "and their distillation taps for Python use)") if model_task not in TASKS else f" (set task={model_task})"
+    raise UserInputError(f"{role}.name={name} is a {model_task} model, but task={task}{hint}")
 
 
 def to_yaml(cfg: Config) -> str:

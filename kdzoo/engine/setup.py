@@ -48,6 +48,16 @@ def load_weights(model: nn.Module, path: str, role: str) -> dict:
     return load_checkpoint(model, path)
 
 
+def recorded_model_name(path: str) -> str | None:
+    """The architecture a kdzoo export records (``None`` for other files, or a composite export)."""
+    if not (Path(path).is_file() and Path(path + ".sha256").is_file()):
+        return None
+    payload = load_verified(path)
+    if payload.get("format") != "kdzoo-model" or payload.get("composite"):
+        return None
+    return payload.get("model_name")
+
+
 def load_model_for_eval(
     name: str | None, path: str, num_classes: int, input_shape: tuple[int, ...]
 ) -> nn.Module:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kdzoo.config.loader import load_config
+from kdzoo.config.loader import config_from_dict, load_config
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import build_method_config
 from kdzoo.methods.registry import method_class
@@ -75,3 +75,10 @@ def test_method_stages_are_configurable():
         kdzoo.create_distiller("ab", teacher=teacher, student=student, stages=[{"name": "warmup"}]).training_stages()
     with pytest.raises(UserInputError, match=r"unknown config key 'method.stages\[0\].epoch'"):
         load_config(recipe, ["method.stages=[{name: init, epoch: 3}]"])
+
+
+def test_a_dense_model_in_a_classification_run_is_a_config_error():
+    with pytest.raises(UserInputError, match="deeplabv3plus_resnet18 is a segmentation model, but task=classification"):
+        config_from_dict({"student": {"name": "deeplabv3plus_resnet18"}})
+    with pytest.raises(UserInputError, match="is a detection model.*not available in configs yet"):
+        config_from_dict({"student": {"name": "fasterrcnn_resnet18_fpn"}})

@@ -62,6 +62,7 @@ def data_root(tmp_path_factory) -> Path:
     (["method.name=kd"], "method 'kd' is defined for classification, not segmentation"),
     (["data.dataset=cifar100"], "cifar100 is a classification dataset, but task=segmentation"),
     (["task=detection"], "unknown task 'detection'"),
+    (["student.name=resnet8"], "student.name=resnet8 is a classification model, but task=segmentation"),
     (["student.backbone_checkpoint=missing.pth", "method.name=vanilla"], "backbone_checkpoint missing.pth does not"),
     (["data.ignore_index=-1", "method.name=vanilla"], "data.ignore_index must be a non-negative integer"),
 ])
