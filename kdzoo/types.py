@@ -19,7 +19,8 @@ connector-only first epoch on segmentation (overhaul-distillation ``Segmentation
 
 CLASSIFICATION = "classification"
 SEGMENTATION = "segmentation"
-TASKS = (CLASSIFICATION, SEGMENTATION)
+DETECTION = "detection"
+TASKS = (CLASSIFICATION, SEGMENTATION, DETECTION)
 """The tasks a run can train for (the config's ``task``); a method declares which it supports."""
 
 

@@ -22,7 +22,7 @@ from kdzoo.errors import UserInputError
 from kdzoo.methods.base import build_method_config, check_task_supported, stage_overrides
 from kdzoo.methods.registry import method_class
 from kdzoo.models.registry import model_entry
-from kdzoo.types import CLASSIFICATION, SEGMENTATION, TASKS
+from kdzoo.types import CLASSIFICATION, DETECTION, SEGMENTATION
 from kdzoo.validation import merge_into_schema
 
 
@@ -144,7 +144,7 @@ def validate(cfg: Config) -> None:
 
 
 # Zoo families built for a task other than classification (every other family classifies).
-FAMILY_TASKS = {"segmentation": SEGMENTATION, "detection": "detection"}
+FAMILY_TASKS = {"segmentation": SEGMENTATION, "detection": DETECTION}
 
 
 def check_model_task(name: str, task: str, role: str) -> None:
@@ -156,9 +156,7 @@ def check_model_task(name: str, task: str, role: str) -> None:
     model_task = FAMILY_TASKS.get(entry.family, CLASSIFICATION)
     if model_task == task:
         return
-    hint = (" (the detection task is not available in configs yet; kdzoo.models.detection provides the detectors "
-            "and their distillation taps for Python use)") if model_task not in TASKS else f" (set task={model_task})"
-    raise UserInputError(f"{role}.name={name} is a {model_task} model, but task={task}{hint}")
+    raise UserInputError(f"{role}.name={name} is a {model_task} model, but task={task} (set task={model_task})")
 
 
 def to_yaml(cfg: Config) -> str:

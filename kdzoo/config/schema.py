@@ -43,6 +43,11 @@ class DataConfig:
     train_split: str = "train"  # split files / folders read for training and evaluation
     val_split: str = "val"
     num_classes: int | None = None  # segfolder: the number of classes (VOC 21, Cityscapes 19, nuclei 3 are known)
+    # task: detection (torchvision's detection reference, references/detection/train.py, docs/config.md):
+    keep_empty: bool = False  # keep training images without usable boxes (the reference drops them)
+    class_names: list[str] | None = None  # vocdet: the class names (default: the 20 VOC classes)
+    min_size: int = 800  # the detectors' resize (their own transform); the nominal input size of the run
+    aspect_ratio_group_factor: int = 0  # 0: two groups (portrait / landscape) for batching
 
 
 @dataclass
@@ -54,6 +59,9 @@ class TeacherConfig:
     # Module paths of the tap groups, for a model whose taps kdzoo cannot derive (docs/models.md, Taps):
     # {stem: act1, stages: [layer1, ...], stages_pre: [...], pooled: 'in:fc', prepool: ..., classifier: fc}.
     taps: dict[str, Any] | None = None
+    # Keyword arguments of the model's constructor (e.g. {min_size: 512, max_size: 853} for a detector,
+    # {output_stride: 8} for DeepLabV3+); checked against its signature before anything is built.
+    model_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +72,7 @@ class StudentConfig:
     # ImageNet weights of a segmentation model's backbone (torchvision's resnet*.pth layout, or the MobileNetV2
     # file pytorch-deeplab-xception loads), read strictly before training; checkpoint (whole model) wins.
     backbone_checkpoint: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)  # as teacher.model_args
 
 
 @dataclass
@@ -126,12 +135,13 @@ class PublishedResult:
     top1: float | None = None
     top5: float | None = None
     miou: float | None = None  # segmentation: mean IoU (%) on the validation split
+    map: float | None = None  # detection: COCO box AP@[.5:.95] (%)
     source: str | None = None  # e.g. "mdistiller README", "DKD paper Table 1"
 
 
 @dataclass
 class Config:
-    task: str = "classification"  # classification | segmentation: drives dataset, task loss, evaluator, taps
+    task: str = "classification"  # classification | segmentation | detection: dataset, task loss, evaluator, taps
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

@@ -15,10 +15,11 @@ from torch import Tensor
 from kdzoo.data import folder
 from kdzoo.data.bundle import DataBundle, TrainLoader  # noqa: F401  (re-exported)
 from kdzoo.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, load_cifar_split
+from kdzoo.data.detection import DETECTION_DATASETS, build_detection_data
 from kdzoo.data.segmentation import SEGMENTATION_DATASETS, build_segmentation_data
 from kdzoo.data.tensor_loader import CropFlip, TensorBatchLoader
 from kdzoo.errors import UserInputError
-from kdzoo.types import CLASSIFICATION, SEGMENTATION, DatasetInfo
+from kdzoo.types import CLASSIFICATION, DETECTION, SEGMENTATION, DatasetInfo
 from kdzoo.validation import suggest
 
 
@@ -97,7 +98,7 @@ FOLDER_DATASETS = ("imagenet", "tiny_imagenet", "imagefolder")
 
 
 def dataset_names() -> list[str]:
-    return sorted([*DATASETS, *FOLDER_DATASETS, *SEGMENTATION_DATASETS])
+    return sorted([*DATASETS, *FOLDER_DATASETS, *SEGMENTATION_DATASETS, *DETECTION_DATASETS])
 
 
 def dataset_task(name: str) -> str | None:
@@ -105,6 +106,8 @@ def dataset_task(name: str) -> str | None:
     reports it with suggestions)."""
     if name in SEGMENTATION_DATASETS:
         return SEGMENTATION
+    if name in DETECTION_DATASETS:
+        return DETECTION
     if name in DATASETS or name in FOLDER_DATASETS:
         return CLASSIFICATION
     return None
@@ -125,6 +128,9 @@ def build_data(
     cfg: Any, *, seed: int, device: torch.device, rank: int = 0, world_size: int = 1, drop_last: bool = False,
     source: TensorSource | None = None,
 ) -> DataBundle:
+    if source is None and cfg.dataset in DETECTION_DATASETS:
+        return build_detection_data(cfg, seed=seed, device=device, rank=rank, world_size=world_size,
+                                    drop_last=drop_last)
     if source is None and cfg.dataset in SEGMENTATION_DATASETS:
         return build_segmentation_data(cfg, seed=seed, device=device, rank=rank, world_size=world_size,
                                        drop_last=drop_last)

@@ -15,9 +15,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdzoo.engine.det_metrics import evaluate_detection
 from kdzoo.engine.runtime import autocast
 from kdzoo.errors import UserInputError
-from kdzoo.types import CLASSIFICATION, SEGMENTATION, Batch, TaskSpec
+from kdzoo.types import CLASSIFICATION, DETECTION, SEGMENTATION, Batch, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -141,5 +142,6 @@ def evaluate_segmentation(model: nn.Module, batches: Iterable[Batch], ctx: EvalC
 Evaluator = Callable[[nn.Module, Iterable[Batch], EvalContext], dict[str, float]]
 
 # What each task evaluates and which of its metrics decides "best" (higher is better for both).
-EVALUATORS: dict[str, Evaluator] = {CLASSIFICATION: evaluate_classification, SEGMENTATION: evaluate_segmentation}
-PRIMARY_METRIC: dict[str, str] = {CLASSIFICATION: "top1", SEGMENTATION: "miou"}
+EVALUATORS: dict[str, Evaluator] = {CLASSIFICATION: evaluate_classification, SEGMENTATION: evaluate_segmentation,
+                                    DETECTION: evaluate_detection}
+PRIMARY_METRIC: dict[str, str] = {CLASSIFICATION: "top1", SEGMENTATION: "miou", DETECTION: "map"}

@@ -66,15 +66,17 @@ def load_model_for_eval(
     if not Path(path).is_file():
         raise UserInputError(f"checkpoint {path} does not exist")
     composite = None
+    model_args: dict[str, Any] = {}
     if Path(path + ".sha256").is_file():
         payload = load_verified(path)
         if payload.get("format") == "kdzoo-model":
             composite = payload.get("composite")
             name = name or payload.get("model_name")
+            model_args = dict(payload.get("model_args") or {})  # e.g. a detector's min_size / max_size
     if composite is None:
         if name is None:
             raise UserInputError(f"{path} does not record its architecture: pass --model NAME")
-        model = build_model(name, num_classes, input_shape)
+        model = build_model(name, num_classes, input_shape, model_args=model_args)
         load_weights(model, path, "model")
         return model
     student = build_model(composite["student_name"], num_classes, input_shape, composite.get("student_taps"),
@@ -89,7 +91,8 @@ def load_model_for_eval(
 
 
 def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], taps: dict[str, Any] | None = None,
-                role: str = "model", backbone_checkpoint: str | None = None) -> nn.Module:
+                role: str = "model", backbone_checkpoint: str | None = None,
+                model_args: dict[str, Any] | None = None) -> nn.Module:
     """``taps``: the config's ``<role>.taps`` module paths (checked against the model's modules here);
     ``backbone_checkpoint``: ImageNet weights for the backbone of a model that has one (segmentation zoo)."""
     entry = model_entry(name)
@@ -98,7 +101,13 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], taps:
             f"model {name!r} expects {entry.input_size}x{entry.input_size} inputs, but the dataset's images are "
             f"{input_shape[1]}x{input_shape[2]}"
         )
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(model_args or {})
+    if kwargs and entry is not None:
+        accepted = inspect.signature(entry.constructor).parameters
+        unknown = sorted(set(kwargs) - set(accepted) - {"num_classes"})
+        if unknown:
+            raise UserInputError(f"{role}.model_args: model {name!r} takes no argument {unknown[0]!r}; it takes "
+                                 f"{sorted(k for k in accepted if k not in ('num_classes', 'backbone_checkpoint'))}")
     if backbone_checkpoint is not None:
         if entry is None or "backbone_checkpoint" not in inspect.signature(entry.constructor).parameters:
             raise UserInputError(f"{role}.backbone_checkpoint is set, but model {name!r} has no separately loaded "
@@ -130,14 +139,15 @@ def prepare_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torc
     )
     # Models are built after seeding, so a seed fixes the student's initial weights too.
     student = build_model(cfg.student.name, data.num_classes, data.input_shape, cfg.student.taps, "student",
-                          cfg.student.backbone_checkpoint)
+                          cfg.student.backbone_checkpoint, dict(cfg.student.model_args))
     if cfg.student.checkpoint:
         load_weights(student, cfg.student.checkpoint, "student")
     teacher = None
     if method_cls.requires_teacher or cfg.teacher.name:
         if not cfg.teacher.name or not cfg.teacher.checkpoint:
             raise UserInputError(f"method {method_cls.name!r} needs teacher.name and teacher.checkpoint")
-        teacher = build_model(cfg.teacher.name, data.num_classes, data.input_shape, cfg.teacher.taps, "teacher")
+        teacher = build_model(cfg.teacher.name, data.num_classes, data.input_shape, cfg.teacher.taps, "teacher",
+                              model_args=dict(cfg.teacher.model_args))
         load_weights(teacher, cfg.teacher.checkpoint, "teacher")
     student.to(device)
     if teacher is not None:

@@ -197,6 +197,7 @@ class Trainer:
             "format": "kdzoo-model",
             "version": __version__,
             "model_name": getattr(model, "kdzoo_name", self.cfg.student.name),
+            "model_args": dict(self.cfg.student.model_args),
             "num_classes": self.parts.data.num_classes,
             "model": model.state_dict(),
             "metrics": metrics,

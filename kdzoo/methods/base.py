@@ -20,8 +20,20 @@ from torch import Tensor, nn
 
 from kdzoo.errors import UserInputError
 from kdzoo.methods.losses import ce_and_kd, cross_entropy
+from kdzoo.models.detection import detector_forward_with_taps, teacher_forward_with_taps
 from kdzoo.models.taps import FeatureExtractor, Outputs, TapGroup, classifier_of, probe_shapes
-from kdzoo.types import CLASSIFICATION, MAIN_STAGE, TASKS, Batch, DatasetInfo, Progress, Stage, StageOverride, TaskSpec
+from kdzoo.types import (
+    CLASSIFICATION,
+    DETECTION,
+    MAIN_STAGE,
+    TASKS,
+    Batch,
+    DatasetInfo,
+    Progress,
+    Stage,
+    StageOverride,
+    TaskSpec,
+)
 from kdzoo.validation import merge_into_schema
 
 
@@ -197,6 +209,13 @@ class Distiller(nn.Module):
         return ce_and_kd(student_logits, teacher_logits, target, cfg.ce_weight, cfg.kd_weight, cfg.temperature,
                          self.task)
 
+    def task_loss_terms(self, student: Outputs, target: Any) -> dict[str, Tensor]:
+        """The student's own loss terms: ``{"loss_ce": ...}`` (classification, segmentation), or the detector's
+        own losses (torchvision's ``loss_classifier``, ``loss_box_reg``, ``loss_objectness``, ...)."""
+        if student.task_losses is not None:
+            return dict(student.task_losses)
+        return {"loss_ce": self.task_loss(student.logits, target)}
+
     def task_loss(self, student_logits: Tensor, target: Tensor) -> Tensor:
         """The task's own loss of the student's output (cross-entropy; per pixel, ignore label excluded, on
         segmentation)."""
@@ -281,10 +300,27 @@ class Distiller(nn.Module):
             return self.teacher_extractor(batch.image).detach()
 
     def training_step(self, batch: Batch, progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
-        teacher_out = self.teacher_forward(batch)
-        student_out = self.student_extractor(batch.image)
+        if self.task.name == DETECTION:
+            student_out, teacher_out = self.detector_forwards(batch)
+        else:
+            teacher_out = self.teacher_forward(batch)
+            student_out = self.student_extractor(batch.image)
         losses = self.compute_losses(student_out, teacher_out, batch, progress)
         return student_out.logits, losses
+
+    def detector_forwards(self, batch: Batch) -> tuple[Outputs, Outputs | None]:
+        """Detection: the student's training forward opened up (its losses, FPN levels, sampled proposals and
+        their ROI logits), then the teacher, in eval mode and without gradients, on the same raw images with its
+        own transform, its ROI head classifying the student's proposals (mdistiller ``detection/``,
+        docs/design.md, Tasks). ``logits`` = the ROI class logits of those proposals."""
+        det = detector_forward_with_taps(self.student, batch.image, batch.target)
+        student_out = Outputs(logits=det.class_logits, task_losses=det.losses, detector=det)
+        if self.teacher is None or not self.requires_teacher:
+            return student_out, None
+        with torch.no_grad():
+            proposals = None if det.proposals is None else [p.detach() for p in det.proposals]
+            t = teacher_forward_with_taps(self.teacher, batch.image, proposals, det.images.image_sizes)
+        return student_out, Outputs(logits=t.class_logits, detector=t)
 
     def forward_train(
         self, image: Tensor, target: Tensor, epoch: int = 1, **extras: Any

@@ -9,7 +9,7 @@ from torch import Tensor
 from kdzoo.methods.base import Distiller
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
-from kdzoo.types import CLASSIFICATION, SEGMENTATION, Batch, Progress
+from kdzoo.types import CLASSIFICATION, DETECTION, SEGMENTATION, Batch, Progress
 
 
 @dataclass
@@ -19,11 +19,12 @@ class VanillaConfig:
 
 @register_method("vanilla")
 class Vanilla(Distiller):
-    supported_tasks = (CLASSIFICATION, SEGMENTATION)
+    supported_tasks = (CLASSIFICATION, SEGMENTATION, DETECTION)
     Config = VanillaConfig
     requires_teacher = False
 
     def compute_losses(
         self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
     ) -> dict[str, Tensor]:
-        return {"loss_ce": self.cfg.ce_weight * self.task_loss(student.logits, batch.target)}
+        # Detection: the detector's own loss terms (their weights are torchvision's; ce_weight scales them all).
+        return {k: self.cfg.ce_weight * v for k, v in self.task_loss_terms(student, batch.target).items()}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -100,6 +100,10 @@ class Outputs:
     pooled: Tensor | None = None
     prepool: Tensor | None = None
     dense_logits: Tensor | None = None
+    # Detection: the detector's own losses (torchvision's loss dict) and the opened-up forward
+    # (kdzoo.models.detection.DetectorOutputs: FPN levels, sampled proposals, ROI logits).
+    task_losses: dict[str, Tensor] | None = None
+    detector: Any = None
 
     def repdistiller_list(self) -> list[Tensor]:
         """RepDistiller's ``forward(x, is_feat=True)`` list ``[f0, ..., fL, pooled]``."""

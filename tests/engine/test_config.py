@@ -80,5 +80,5 @@ def test_method_stages_are_configurable():
 def test_a_dense_model_in_a_classification_run_is_a_config_error():
     with pytest.raises(UserInputError, match="deeplabv3plus_resnet18 is a segmentation model, but task=classification"):
         config_from_dict({"student": {"name": "deeplabv3plus_resnet18"}})
-    with pytest.raises(UserInputError, match="is a detection model.*not available in configs yet"):
+    with pytest.raises(UserInputError, match="is a detection model, but task=classification"):
         config_from_dict({"student": {"name": "fasterrcnn_resnet18_fpn"}})
