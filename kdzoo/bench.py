@@ -33,7 +33,7 @@ from kdzoo.engine.run import run_training
 from kdzoo.methods.base import Distiller
 from kdzoo.methods.registry import create_distiller, list_methods
 from kdzoo.models.registry import create_model
-from kdzoo.types import CLASSIFICATION, SEGMENTATION, Batch, DatasetInfo, Progress, TaskSpec
+from kdzoo.types import CLASSIFICATION, DETECTION, SEGMENTATION, Batch, DatasetInfo, Progress, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,11 @@ class BenchSetting:
 BENCH_SETTINGS: dict[str, BenchSetting] = {
     CLASSIFICATION: BenchSetting("resnet32x4", "resnet8x4", 64, 32, 100),
     SEGMENTATION: BenchSetting("deeplabv3plus_resnet101", "deeplabv3plus_resnet18", 2, 129, 21),
+    # Detection: mdistiller's R101 -> R18 Faster R-CNN pair on 256-pixel images (the detectors resize to it), 2
+    # classes + background like the demo's tree crowns, 8 boxes per image.
+    DETECTION: BenchSetting("fasterrcnn_resnet101_fpn", "fasterrcnn_resnet18_fpn", 2, 256, 2),
 }
+DETECTION_BOXES_PER_IMAGE = 8
 
 
 @dataclass
@@ -164,13 +168,44 @@ def _bench_inputs(teacher_name: str, batch_size: int, device_name: str, num_clas
     device = torch.device(device_name)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    images = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
-    label_shape = (batch_size, image_size, image_size) if task.name == SEGMENTATION else (batch_size,)
-    target = torch.randint(0, num_classes, label_shape, device=device)
     index = torch.randint(0, 50000, (batch_size,), device=device)
-    teacher = create_model(teacher_name, num_classes=num_classes).to(device, memory_format=memory_format)
+    if task.name == DETECTION:
+        images, target = _detection_batch(batch_size, image_size, num_classes, device)
+    else:
+        images = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(
+            memory_format=memory_format)
+        label_shape = (batch_size, image_size, image_size) if task.name == SEGMENTATION else (batch_size,)
+        target = torch.randint(0, num_classes, label_shape, device=device)
+    teacher = create_model(teacher_name, num_classes=num_classes, **_model_args(task, image_size)).to(
+        device, memory_format=memory_format)
     teacher.eval().requires_grad_(False)
     return BenchInputs(images, target, index, teacher, device, memory_format, warmup, steps, task)
+
+
+def _model_args(task: TaskSpec, image_size: int) -> dict:
+    """Detectors resize inside the model: make them keep the benchmark's image size."""
+    return {"min_size": image_size, "max_size": image_size} if task.name == DETECTION else {}
+
+
+def _detection_batch(batch_size: int, image_size: int, num_classes: int,
+                     device: torch.device) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Images in [0, 1] and random boxes of 1/8 to 1/2 of the image side, labels 1..K (0 is background)."""
+    images = [torch.rand(3, image_size, image_size, device=device) for _ in range(batch_size)]
+    targets = []
+    for _ in range(batch_size):
+        n = DETECTION_BOXES_PER_IMAGE
+        size = torch.empty(n, 2).uniform_(image_size / 8, image_size / 2)
+        corner = torch.rand(n, 2) * (image_size - size)
+        boxes = torch.cat([corner, corner + size], dim=1).to(device)
+        targets.append({"boxes": boxes, "labels": torch.randint(1, num_classes, (n,), device=device)})
+    return images, targets
+
+
+def _student_loss(student: torch.nn.Module, inputs: BenchInputs) -> torch.Tensor:
+    """The student's own training loss on the bench batch (a detector computes its losses in its forward)."""
+    if inputs.task.name == DETECTION:
+        return sum(student(inputs.images, inputs.target).values())
+    return F.cross_entropy(student(inputs.images), inputs.target)
 
 
 def _timed(name: str, step: Callable[[], None], inputs: BenchInputs, extra_params: int = 0) -> Timing:
@@ -180,15 +215,17 @@ def _timed(name: str, step: Callable[[], None], inputs: BenchInputs, extra_param
 
 def _floor_timings(inputs: BenchInputs, student_name: str, num_classes: int) -> list[Timing]:
     """The compute floor (teacher forward + student step) and the student step alone."""
-    student = create_model(student_name, num_classes=num_classes).to(inputs.device, memory_format=inputs.memory_format)
-    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    student = create_model(student_name, num_classes=num_classes, **_model_args(inputs.task, _image_size(inputs))).to(
+        inputs.device, memory_format=inputs.memory_format)
+    opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                          weight_decay=5e-4)
 
     def floor_step(with_teacher: bool) -> Callable[[], None]:
         def step() -> None:
             if with_teacher:
                 with torch.no_grad():
                     inputs.teacher(inputs.images)
-            loss = F.cross_entropy(student(inputs.images), inputs.target)
+            loss = _student_loss(student, inputs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -220,7 +257,8 @@ def _method_timings(name: str, distiller: Distiller, inputs: BenchInputs, with_c
 
     distiller.train()
     timings = [_timed(name, method_step(Batch(inputs.images, inputs.target, inputs.index)), inputs, extra)]
-    if with_cache and distiller.teacher is not None and not distiller.uses_teacher_features:
+    if with_cache and inputs.task.name == CLASSIFICATION and distiller.teacher is not None and \
+            not distiller.uses_teacher_features:
         with torch.no_grad():
             cached = inputs.teacher(inputs.images)
         batch = Batch(inputs.images, inputs.target, inputs.index, teacher_logits=cached)
@@ -228,13 +266,18 @@ def _method_timings(name: str, distiller: Distiller, inputs: BenchInputs, with_c
     return timings
 
 
+def _image_size(inputs: BenchInputs) -> int:
+    return int(inputs.images[0].shape[-1])
+
+
 def _build(name: str, inputs: BenchInputs, student_name: str, num_classes: int) -> Distiller | None:
     device = inputs.device
-    student = create_model(student_name, num_classes=num_classes).to(device)
+    size = _image_size(inputs)
+    student = create_model(student_name, num_classes=num_classes, **_model_args(inputs.task, size)).to(device)
     try:
         cls = list_methods()[name]
         distiller = create_distiller(name, student=student, teacher=inputs.teacher if cls.requires_teacher else None,
-                                     input_shape=tuple(inputs.images.shape[1:]), task=inputs.task)
+                                     input_shape=(3, size, size), task=inputs.task)
     except Exception as exc:  # a method that cannot run on this pair is reported, not fatal
         print(f"# {name}: skipped ({exc})", file=sys.stderr)
         return None

@@ -202,12 +202,38 @@ class Distiller(nn.Module):
         params = list(self.trainable_parameters(stage))
         return [{"params": params}] if params else []
 
-    def ce_and_kd(self, student_logits: Tensor, teacher_logits: Tensor | None, target: Tensor) -> dict[str, Tensor]:
+    def ce_and_kd(self, student_logits: Tensor, teacher_logits: Tensor | None, target: Any,
+                  student: Outputs | None = None) -> dict[str, Tensor]:
         """``w_ce·CE + w_kd·KD(T)`` from the config's ``ce_weight`` / ``kd_weight`` / ``temperature``: the
-        part RepDistiller and SimKD loops add to every method (docs/design.md)."""
+        part RepDistiller and SimKD loops add to every method (docs/design.md).
+
+        Detection (``student`` = the student's :class:`Outputs`, required there): the CE part is the detector's own
+        loss terms, each scaled by ``ce_weight``, and KD compares the student's and the teacher's ROI class logits
+        of the student's sampled proposals (``student_logits`` / ``teacher_logits``), as mdistiller ``detection/``
+        (``model/rcnn.py``) adds its logit loss to Detectron2's own losses."""
         cfg = self.cfg
-        return ce_and_kd(student_logits, teacher_logits, target, cfg.ce_weight, cfg.kd_weight, cfg.temperature,
-                         self.task)
+        if self.task.name != DETECTION:
+            return ce_and_kd(student_logits, teacher_logits, target, cfg.ce_weight, cfg.kd_weight, cfg.temperature,
+                             self.task)
+        if student is None:
+            raise ValueError("ce_and_kd on detection needs the student's Outputs (student=) for the detector's losses")
+        losses: dict[str, Tensor] = {}
+        if cfg.ce_weight:
+            losses.update({k: cfg.ce_weight * v for k, v in self.task_loss_terms(student, target).items()})
+        losses.update(ce_and_kd(student_logits, teacher_logits, target, 0.0, cfg.kd_weight, cfg.temperature))
+        return losses
+
+    def logit_targets(self, student: Outputs, batch: Batch) -> Tensor:
+        """The class index each row of ``student.logits`` belongs to: ``batch.target``, or on detection the classes
+        the student's sampled proposals were assigned (0 = background), concatenated in the order of the ROI logits
+        (mdistiller ``detection/model/rcnn.py``: ``gt_classes`` of the sampled proposals, ``torch.cat``-ed)."""
+        if self.task.name != DETECTION:
+            return batch.target
+        labels = getattr(student.detector, "proposal_labels", None)
+        if labels is None:
+            raise UserInputError(f"method {self.name!r} needs per-proposal class targets, which only a two-stage "
+                                 "(Faster R-CNN) student provides")
+        return torch.cat(list(labels), dim=0)
 
     def task_loss_terms(self, student: Outputs, target: Any) -> dict[str, Tensor]:
         """The student's own loss terms: ``{"loss_ce": ...}`` (classification, segmentation), or the detector's

@@ -1,6 +1,13 @@
 """DKD — Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022, arXiv 2203.08679 (docs/methods/dkd.md).
 Reference: mdistiller ``distillers/DKD.py``. The student's binary log-probabilities are computed
-with log-sum-exp instead of ``log`` of a softmax sum (same value in fp32, no -inf when p_y -> 1)."""
+with log-sum-exp instead of ``log`` of a softmax sum (same value in fp32, no -inf when p_y -> 1).
+
+Detection (mdistiller ``detection/model/rcnn.py``, ``KD.TYPE: DKD``): the same TCKD / NCKD terms between the
+student's and the teacher's ROI class logits of the student's sampled proposals, the proposals' assigned classes
+(background included) as targets (:meth:`Distiller.logit_targets`), added to the detector's own losses (scaled by
+``ce_weight``). There ``rcnn_dkd_loss`` calls ``dkd_loss`` without any warm-up factor, with ``detection/model/
+config.py``'s ``KD.DKD.ALPHA 1.0``, ``BETA 0.25``, ``T 1.0`` (no pair config overrides them): a detection recipe sets
+``alpha: 1, beta: 0.25, temperature: 1, warmup_epochs: 0`` (0 = no ramp), not these CIFAR defaults."""
 
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from kdzoo.methods.base import Distiller
 from kdzoo.methods.losses import cross_entropy, logsumexp_excluding, warmup_factor
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
-from kdzoo.types import Batch, Progress
+from kdzoo.types import CLASSIFICATION, DETECTION, Batch, Progress
 
 
 @dataclass
@@ -56,6 +63,7 @@ def dkd_terms(
 
 @register_method("dkd")
 class DKD(Distiller):
+    supported_tasks = (CLASSIFICATION, DETECTION)
     Config = DKDConfig
 
     def compute_losses(
@@ -63,15 +71,18 @@ class DKD(Distiller):
     ) -> dict[str, Tensor]:
         assert teacher is not None
         cfg = self.cfg
+        target = self.logit_targets(student, batch)
         tckd, nckd = dkd_terms(
-            self.distilled_logits(student.logits), self.distilled_logits(teacher.logits), batch.target, cfg.temperature
+            self.distilled_logits(student.logits), self.distilled_logits(teacher.logits), target, cfg.temperature
         )
         ramp = warmup_factor(progress.epoch, cfg.warmup_epochs)
-        return {
-            "loss_ce": cfg.ce_weight * cross_entropy(student.logits, batch.target),
-            "loss_tckd": ramp * cfg.alpha * tckd,
-            "loss_nckd": ramp * cfg.beta * nckd,
-        }
+        if self.task.name == DETECTION:  # the detector's own loss terms in place of the cross-entropy
+            losses = {k: cfg.ce_weight * v for k, v in self.task_loss_terms(student, batch.target).items()}
+        else:
+            losses = {"loss_ce": cfg.ce_weight * cross_entropy(student.logits, target)}
+        losses["loss_tckd"] = ramp * cfg.alpha * tckd
+        losses["loss_nckd"] = ramp * cfg.beta * nckd
+        return losses
 
     def distilled_logits(self, logits: Tensor) -> Tensor:
         """The logits the TCKD / NCKD terms compare (the cross-entropy always sees the raw student logits);

@@ -4,6 +4,14 @@ Reference: RepDistiller ``distiller_zoo/FitNet.py`` (``HintLoss`` = MSE) with th
 ``ConvReg`` regressor on the student's hint map. RepDistiller and mdistiller train in one stage; the
 paper's hint pre-training (stage 1: the student up to the hint layer plus the regressor, on the hint
 loss alone) is opt-in through ``hint_stage_epochs``.
+
+Detection: the hint is the FPN output (``fpn_levels``: the levels' names, torchvision's ``'0'..'3', 'pool'``; default
+every level), as FitNet-on-detection baselines distil the neck: LutingWang/HEAD ``configs/kd/fitnet.py`` puts one 1x1
+conv adapter (256 -> 256) on each of the five FPN levels and an MSE to the teacher's level. Here likewise one 1x1 conv
+per level (no BatchNorm / ReLU: FPN levels are signed conv outputs, unlike the post-ReLU maps ``ConvReg`` targets), the
+per-level MSEs summed, times ``feat_weight`` (the CIFAR 100 is no detection value: HEAD weighs it 1), added to the
+detector's own losses (``ce_weight``). A student level whose size differs from the teacher's (the two transforms
+resize differently) is resized bilinearly after its conv. The hint stage trains the student's backbone (body + FPN).
 """
 
 from __future__ import annotations
@@ -19,8 +27,9 @@ from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Distiller
 from kdzoo.methods.losses import at_least_fp32
 from kdzoo.methods.registry import register_method
+from kdzoo.methods.reviewkd import drop_taps, probe_fpn_levels
 from kdzoo.models.taps import Outputs, features
-from kdzoo.types import CLASSIFICATION, MAIN_STAGE, SEGMENTATION, Batch, Progress, Stage
+from kdzoo.types import CLASSIFICATION, DETECTION, MAIN_STAGE, SEGMENTATION, Batch, Progress, Stage
 
 
 @dataclass
@@ -34,6 +43,8 @@ class FitNetConfig:
     # Paper §2.2 / TensorFlow port: hint pre-training before the main run (TensorFlow port: 30% of the epochs). 0 =
     # RepDistiller/mdistiller single stage.
     hint_stage_epochs: int = 0
+    # Detection only: the FPN levels hinted, by name (None = all, as LutingWang/HEAD configs/kd/fitnet.py).
+    fpn_levels: list[str] | None = None
 
 
 class ConvReg(nn.Module):
@@ -70,7 +81,7 @@ HINT_STAGE = "hint"
 
 @register_method("fitnet")
 class FitNet(Distiller):
-    supported_tasks = (CLASSIFICATION, SEGMENTATION)
+    supported_tasks = (CLASSIFICATION, SEGMENTATION, DETECTION)
     Config = FitNetConfig
     declared_stages = (HINT_STAGE, MAIN_STAGE)
     # Paper stage 1 trains only the student layers the hint depends on (W_Guided) and the regressor.
@@ -79,6 +90,9 @@ class FitNet(Distiller):
     student_taps = ("feats",)
 
     def build(self) -> None:
+        if self.task.name == DETECTION:
+            self.build_detection()
+            return
         hint = self.cfg.hint_layer
         student_feats, teacher_feats = self.probe_student().feats, self.probe_teacher().feats
         if not (0 <= hint < min(len(student_feats), len(teacher_feats))):
@@ -87,6 +101,19 @@ class FitNet(Distiller):
                 f"teacher {len(teacher_feats)}"
             )
         self.regressor = ConvReg(student_feats[hint].shape, teacher_feats[hint].shape)
+
+    def build_detection(self) -> None:
+        """One 1x1 conv per hinted FPN level, student width -> teacher width (PyTorch default init)."""
+        assert self.teacher is not None
+        drop_taps(self)
+        student_levels, teacher_levels = probe_fpn_levels(self.student), probe_fpn_levels(self.teacher)
+        common = [name for name in student_levels if name in teacher_levels]
+        names = common if self.cfg.fpn_levels is None else list(self.cfg.fpn_levels)
+        unknown = [name for name in names if name not in common]
+        if unknown or not names:
+            raise UserInputError(f"fitnet.fpn_levels={names}: the FPN levels both detectors have are {common}")
+        self.regressor = nn.ModuleDict(
+            {name: nn.Conv2d(student_levels[name][1], teacher_levels[name][1], kernel_size=1) for name in names})
 
     def stages(self) -> list[Stage]:
         if self.cfg.hint_stage_epochs <= 0:
@@ -102,6 +129,8 @@ class FitNet(Distiller):
     def hint_trunk_parameters(self) -> list[nn.Parameter]:
         """Student parameters the hint map depends on, found from the autograd graph of one eval-mode
         dry run (architecture-agnostic; eval mode leaves BatchNorm statistics untouched)."""
+        if self.task.name == DETECTION:  # every FPN level depends on the whole body (top-down path) and the FPN
+            return [p for p in self.student.backbone.parameters() if p.requires_grad]
         params = [p for p in self.student.parameters() if p.requires_grad]
         was_training = self.student.training
         self.student.eval()
@@ -115,9 +144,21 @@ class FitNet(Distiller):
         return [p for p, g in zip(params, grads, strict=True) if g is not None]
 
     def hint_loss(self, student: Outputs, teacher: Outputs) -> Tensor:
+        if self.task.name == DETECTION:
+            return self.fpn_hint_loss(student.detector.fpn, teacher.detector.fpn)
         hint = self.cfg.hint_layer
         regressed = self.regressor(student.feats[hint])
         return F.mse_loss(at_least_fp32(regressed), at_least_fp32(teacher.feats[hint]))
+
+    def fpn_hint_loss(self, student_fpn: dict[str, Tensor], teacher_fpn: dict[str, Tensor]) -> Tensor:
+        """Sum over the hinted levels of MSE(conv1x1(student level), teacher level)."""
+        terms = []
+        for name, regressor in self.regressor.items():
+            regressed, target = regressor(student_fpn[name]), teacher_fpn[name]
+            if regressed.shape[-2:] != target.shape[-2:]:
+                regressed = F.interpolate(regressed, size=target.shape[-2:], mode="bilinear", align_corners=False)
+            terms.append(F.mse_loss(at_least_fp32(regressed), at_least_fp32(target)))
+        return torch.stack(terms).sum()
 
     def compute_losses(
         self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
@@ -127,6 +168,6 @@ class FitNet(Distiller):
         loss_hint = cfg.feat_weight * self.hint_loss(student, teacher)
         if progress.stage == HINT_STAGE:
             return {"loss_fitnet": loss_hint}
-        losses = self.ce_and_kd(student.logits, teacher.logits, batch.target)
+        losses = self.ce_and_kd(student.logits, teacher.logits, batch.target, student=student)
         losses["loss_fitnet"] = loss_hint
         return losses

@@ -5,10 +5,22 @@ Student levels (the last stages + the pooled vector as a 1x1 map) are fused deep
 fusion (ABF) modules; every fused output is compared with the teacher's pre-ReLU stage map (or pooled vector)
 of the same level by the hierarchical context loss. Level sizes are read from the tensors at run time (the
 reference's SHAPES / OUT_SHAPES / IN_CHANNELS / OUT_CHANNELS config lists are what the probes give).
+
+Detection (mdistiller ``detection/model/reviewkd.py`` and ``rcnn.py``, ``KD.TYPE: ReviewKD``): the student's FPN
+levels (p2..p6, torchvision's ``'0'..'3', 'pool'``) are the levels, fused deep -> shallow by the same ABF chain (``in``,
+``mid`` and ``out`` channels there all 256 = the FPN width; here read from the two FPNs, mid = ``min(max_mid_channel,
+in channels of the deepest level)``, 256 too) and compared with the teacher's FPN levels of the same index by the same
+HCL (MSE plus 4x4 / 2x2 / 1x1 pools smaller than the map, weights 1, 1/2, 1/4, 1/8 normalised; levels summed), times
+``REVIEWKD.LOSS_WEIGHT`` and added to the detector's own losses, with no warm-up and no pooled-vector level. Per-pair
+weights are in mdistiller's ``detection/configs/ReviewKD/*.yaml`` (R18-R101 1.2, R50-R101 1.0, MV2-R50 2.0): recipes
+set ``reviewkd_weight`` and ``warmup_epochs: 0``. mdistiller's ABF there resizes the residual to the student level's
+own size; this ABF resizes the fused level to the teacher level's size, a no-op when both detectors resize the images
+alike (Detectron2 resizes in the data loader, so there they always agree).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,7 +33,7 @@ from kdzoo.methods.base import Distiller
 from kdzoo.methods.losses import at_least_fp32, cross_entropy, warmup_factor
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import FeatureExtractor, Outputs
-from kdzoo.types import Batch, Progress
+from kdzoo.types import CLASSIFICATION, DETECTION, Batch, Progress
 
 
 @dataclass
@@ -31,7 +43,7 @@ class ReviewKDConfig:
     warmup_epochs: int = 20  # mdistiller REVIEWKD.WARMUP_EPOCHS, 1-based epoch (ImageNet: 1)
     # mdistiller ReviewKD.py: mid = min(512, in_channels[-1]) (cfg MAX_MID_CHANNEL is ignored)
     max_mid_channel: int = 512
-    student_preact: bool = False  # mdistiller REVIEWKD.STU_PREACT (CIFAR False, ImageNet True)
+    student_preact: bool = False  # mdistiller REVIEWKD.STU_PREACT (CIFAR False, ImageNet True); unused on detection
     ce_weight: float = 1.0  # mdistiller REVIEWKD.CE_WEIGHT
 
 
@@ -129,17 +141,53 @@ def _pool_pyramid(x: Tensor, sizes: Sequence[int]) -> list[Tensor]:
     return pooled
 
 
+def probe_fpn_levels(detector: nn.Module) -> OrderedDict[str, torch.Size]:
+    """The shapes of a detector's FPN levels (name -> [1, C, H, W]) from one eval-mode, no-grad pass of its
+    ``backbone`` (body + FPN, torchvision's ``BackboneWithFPN``) over a zero 64x64 image: what the detection build
+    paths size their modules by (eval mode, so no BatchNorm statistic moves)."""
+    backbone = getattr(detector, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise UserInputError(f"{type(detector).__name__} has no FPN backbone to distil")
+    param = next(detector.parameters())
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            levels = backbone(torch.zeros(1, 3, 64, 64, device=param.device, dtype=param.dtype))
+    finally:
+        backbone.train(was_training)
+    if isinstance(levels, Tensor):
+        levels = OrderedDict([("0", levels)])
+    return OrderedDict((name, level.shape) for name, level in levels.items())
+
+
+def drop_taps(distiller: Distiller) -> None:
+    """Unhook both feature extractors: on detection the methods read the opened-up forward
+    (``Outputs.detector``), so no tap needs to record anything."""
+    distiller.student_extractor.remove()
+    distiller.student_taps = ()
+    distiller.student_extractor = FeatureExtractor(distiller.student, ())
+    if distiller.teacher_extractor is not None:
+        distiller.teacher_extractor.remove()
+        distiller.teacher_taps = ()
+        distiller.teacher_extractor = FeatureExtractor(distiller.teacher, ())
+
+
 def _levels(maps: Sequence[Tensor], pooled: Tensor) -> list[Tensor]:
     return [*maps, pooled[:, :, None, None]]
 
 
 @register_method("reviewkd")
 class ReviewKD(Distiller):
+    supported_tasks = (CLASSIFICATION, DETECTION)
     Config = ReviewKDConfig
     teacher_taps = ("preact", "pooled")
     student_taps = ("feats", "pooled")
 
     def build(self) -> None:
+        if self.task.name == DETECTION:
+            self.build_detection()
+            return
         if self.cfg.student_preact:  # mdistiller's ImageNet recipes read the student's pre-ReLU maps
             self.student_extractor.remove()
             self.student_taps = ("preact", "pooled")
@@ -151,6 +199,23 @@ class ReviewKD(Distiller):
         count = len(in_channels)
         # Built shallow -> deep as mdistiller does (same RNG draws), stored deepest first (mdistiller's ``abfs[::-1]``).
         abfs = [ABF(c_in, mid_channels, t.shape[1], fuse=i < count - 1)
+                for i, (c_in, t) in enumerate(zip(in_channels, teacher_levels))]
+        self.abfs = nn.ModuleList(abfs[::-1])
+
+    def build_detection(self) -> None:
+        """mdistiller ``detection/model/reviewkd.py`` ``build_kd_trans``: one ABF per FPN level, fusion on all but the
+        deepest, built shallow -> deep and stored deepest first, as on classification."""
+        assert self.teacher is not None
+        drop_taps(self)
+        student_levels = list(probe_fpn_levels(self.student).values())
+        teacher_levels = list(probe_fpn_levels(self.teacher).values())
+        if len(student_levels) != len(teacher_levels):
+            raise UserInputError(f"reviewkd on detection pairs FPN levels one to one, but the student has "
+                                 f"{len(student_levels)} and the teacher {len(teacher_levels)}")
+        in_channels = [shape[1] for shape in student_levels]
+        mid_channels = min(self.cfg.max_mid_channel, in_channels[-1])
+        count = len(in_channels)
+        abfs = [ABF(c_in, mid_channels, t[1], fuse=i < count - 1)
                 for i, (c_in, t) in enumerate(zip(in_channels, teacher_levels))]
         self.abfs = nn.ModuleList(abfs[::-1])
 
@@ -181,11 +246,15 @@ class ReviewKD(Distiller):
                        progress: Progress) -> dict[str, Tensor]:
         assert teacher is not None
         cfg = self.cfg
-        teacher_levels = self.teacher_levels(teacher)
-        outputs = self.review(self.student_levels(student, len(teacher_levels)),
-                              [t.shape[-2:] for t in teacher_levels])
         ramp = warmup_factor(progress.epoch, cfg.warmup_epochs)
-        return {
-            "loss_ce": cfg.ce_weight * cross_entropy(student.logits, batch.target),
-            "loss_reviewkd": cfg.reviewkd_weight * ramp * sum(hcl_terms(outputs, teacher_levels)),
-        }
+        if self.task.name == DETECTION:
+            teacher_levels = list(teacher.detector.fpn.values())
+            outputs = self.review(list(student.detector.fpn.values()), [t.shape[-2:] for t in teacher_levels])
+            losses = {k: cfg.ce_weight * v for k, v in self.task_loss_terms(student, batch.target).items()}
+        else:
+            teacher_levels = self.teacher_levels(teacher)
+            outputs = self.review(self.student_levels(student, len(teacher_levels)),
+                                  [t.shape[-2:] for t in teacher_levels])
+            losses = {"loss_ce": cfg.ce_weight * cross_entropy(student.logits, batch.target)}
+        losses["loss_reviewkd"] = cfg.reviewkd_weight * ramp * sum(hcl_terms(outputs, teacher_levels))
+        return losses
