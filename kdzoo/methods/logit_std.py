@@ -18,7 +18,7 @@ from kdzoo.methods.dkd import DKD
 from kdzoo.methods.losses import at_least_fp32, cross_entropy, kd_loss
 from kdzoo.methods.registry import register_method
 from kdzoo.models.taps import Outputs
-from kdzoo.types import Batch, Progress
+from kdzoo.types import CLASSIFICATION, Batch, Progress
 
 
 def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
@@ -66,6 +66,7 @@ class DKDLogitStandardization(DKD):
     """DKD's loss on Z-scored logits (the cross-entropy keeps the raw ones)."""
 
     Config = DKDLSConfig
+    supported_tasks = (CLASSIFICATION,)  # DKD's detection setting has no logit-standardised counterpart
 
     def distilled_logits(self, logits: Tensor) -> Tensor:
         return standardize_logits(logits)

@@ -73,7 +73,7 @@ def test_detector_trains_evaluates_and_resumes_bit_exactly(tmp_path, data_root):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["method.name=kd"], "method 'kd' is defined for classification, not detection"),
+    (["method.name=crd"], "method 'crd' is defined for classification, not detection"),
     (["student.name=deeplabv3plus_resnet18"], "is a segmentation model, but task=detection"),
     (["student.model_args={output_stride: 8}"], "takes no argument 'output_stride'"),
     (["data.mean=[0.5,0.5,0.5]", "data.std=[0.2,0.2,0.2]"], "mean"),

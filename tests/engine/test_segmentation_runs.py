@@ -59,7 +59,7 @@ def data_root(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["method.name=kd"], "method 'kd' is defined for classification, not segmentation"),
+    (["method.name=kd"], "method 'kd' is defined for classification, detection, not segmentation"),
     (["data.dataset=cifar100"], "cifar100 is a classification dataset, but task=segmentation"),
     (["task=detection"], "unknown task 'detection'"),
     (["student.name=resnet8"], "student.name=resnet8 is a classification model, but task=segmentation"),
