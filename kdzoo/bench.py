@@ -215,6 +215,7 @@ def _timed(name: str, step: Callable[[], None], inputs: BenchInputs, extra_param
 
 def _floor_timings(inputs: BenchInputs, student_name: str, num_classes: int) -> list[Timing]:
     """The compute floor (teacher forward + student step) and the student step alone."""
+    torch.manual_seed(1)  # every row's student starts from the same weights (a detector's cost depends on them)
     student = create_model(student_name, num_classes=num_classes, **_model_args(inputs.task, _image_size(inputs))).to(
         inputs.device, memory_format=inputs.memory_format)
     opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
@@ -273,6 +274,7 @@ def _image_size(inputs: BenchInputs) -> int:
 def _build(name: str, inputs: BenchInputs, student_name: str, num_classes: int) -> Distiller | None:
     device = inputs.device
     size = _image_size(inputs)
+    torch.manual_seed(1)  # the floor's student weights: like-for-like rows
     student = create_model(student_name, num_classes=num_classes, **_model_args(inputs.task, size)).to(device)
     try:
         cls = list_methods()[name]
