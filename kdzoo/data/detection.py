@@ -30,7 +30,7 @@ import json
 import os
 import random
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +38,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from kdzoo.data import trees
 from kdzoo.data.bundle import DataBundle
 from kdzoo.data.det_transforms import aspect_ratio_groups, grouped_batches, random_hflip
+from kdzoo.data.planned_loader import PlannedBatchLoader
 from kdzoo.data.segmentation import _probe_image, decode_image, sample_seed
 from kdzoo.data.tensor_loader import _epoch_generator
 from kdzoo.errors import UserInputError
@@ -378,34 +379,19 @@ def collate_detection(items: Sequence[tuple]) -> tuple[list[torch.Tensor], list[
     return list(images), list(targets), torch.tensor(index, dtype=torch.int64)
 
 
-class _DetLoader:
+class _DetLoader(PlannedBatchLoader):
+    collate_fn = staticmethod(collate_detection)
+
     def __init__(self, dataset: SeededDetectionDataset, *, batch_size: int, num_workers: int, device: torch.device):
-        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
-        self.device = torch.device(device)
+        super().__init__(dataset, batch_size=batch_size, num_workers=num_workers, device=device)
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        raise NotImplementedError
-
-    def __len__(self) -> int:
-        return len(self.batches(1))
-
-    def iterate(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        self.dataset.epoch = epoch
-        batches = self.batches(epoch)[start_step:]
-        if not batches:
-            return
-        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                            collate_fn=collate_detection, pin_memory=self.device.type == "cuda",
-                            prefetch_factor=4 if self.num_workers else None)
+    def to_batch(self, collated: Any) -> Batch:
+        images, targets, index = collated
         dev = self.device
-        for images, targets, index in loader:
-            # uint8 over the bus, [0, 1] floats on the device (ToImage + ToDtype(float, scale=True) in presets.py)
-            x = [im.to(dev, non_blocking=True).float().div_(255.0) for im in images]
-            t = [{k: v.to(dev, non_blocking=True) for k, v in tgt.items()} for tgt in targets]
-            yield Batch(x, t, index.to(dev, non_blocking=True))  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self.iterate(epoch=1)
+        # uint8 over the bus, [0, 1] floats on the device (ToImage + ToDtype(float, scale=True) in presets.py)
+        x = [im.to(dev, non_blocking=True).float().div_(255.0) for im in images]
+        t = [{k: v.to(dev, non_blocking=True) for k, v in tgt.items()} for tgt in targets]
+        return Batch(x, t, index.to(dev, non_blocking=True))  # type: ignore[arg-type]
 
 
 class DetTrainLoader(_DetLoader):

@@ -18,7 +18,7 @@ first step; nothing is cached.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,11 @@ import numpy as np
 import scipy.io
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from kdzoo.data import nuclei
 from kdzoo.data.bundle import DataBundle
+from kdzoo.data.planned_loader import PlannedBatchLoader
 from kdzoo.data.seg_transforms import FixedResize, FixScaleCrop, TrainTransform, mask_image
 from kdzoo.data.tensor_loader import _epoch_generator
 from kdzoo.errors import UserInputError
@@ -282,35 +283,19 @@ class SeededSegmentationDataset(Dataset):
         return image, torch.from_numpy(np.asarray(mask_img, dtype=mask_dtype).copy()), i
 
 
-class _SegLoader:
+class _SegLoader(PlannedBatchLoader):
     def __init__(self, dataset: SeededSegmentationDataset, *, batch_size: int, num_workers: int,
                  device: torch.device, mean: Sequence[float], std: Sequence[float]):
-        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
-        self.device = torch.device(device)
+        super().__init__(dataset, batch_size=batch_size, num_workers=num_workers, device=device)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        raise NotImplementedError
-
-    def __len__(self) -> int:
-        return len(self.batches(1))
-
-    def iterate(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        self.dataset.epoch = epoch
-        batches = self.batches(epoch)[start_step:]
-        if not batches:
-            return
-        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.num_workers else None)
-        for images, masks, index in loader:
-            # ToTensor's /255 then Normalize, batched on the device (the reference does it per sample on the CPU)
-            x = images.to(self.device, non_blocking=True).float().div_(255.0).sub_(self.mean).div_(self.std)
-            target = masks.to(self.device, non_blocking=True).long()
-            yield Batch(x, target, index.to(self.device, non_blocking=True))
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self.iterate(epoch=1)
+    def to_batch(self, collated: Any) -> Batch:
+        images, masks, index = collated
+        # ToTensor's /255 then Normalize, batched on the device (the reference does it per sample on the CPU)
+        x = images.to(self.device, non_blocking=True).float().div_(255.0).sub_(self.mean).div_(self.std)
+        target = masks.to(self.device, non_blocking=True).long()
+        return Batch(x, target, index.to(self.device, non_blocking=True))
 
 
 class SegTrainLoader(_SegLoader):

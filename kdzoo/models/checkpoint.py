@@ -361,3 +361,39 @@ def identify_architecture(state_dict: Mapping[str, Tensor], *, with_num_classes:
         else:
             found.append(name)
     return found
+
+
+# --------------------------------------------------------------------------------------------------- backbones
+
+
+def imagenet_backbone_state(path: str | Path, prefix: str,
+                            is_head: Callable[[str], bool]) -> tuple[OrderedDict[str, Tensor], list[str], dict]:
+    """The weights of an ImageNet classifier file that belong to a backbone: the keys under ``prefix`` (stripped),
+    the ImageNet head (``is_head``) dropped; returns them, every other key (unexpected), and the whole file's
+    state_dict. Segmentation and detection backbones load them strictly after :func:`compare_state_dicts`."""
+    sd, _ = split_checkpoint(read_checkpoint(path))
+    own: OrderedDict[str, Tensor] = OrderedDict()
+    unexpected: list[str] = []
+    for key, value in sd.items():
+        if is_head(key):
+            continue
+        if key.startswith(prefix):
+            own[key[len(prefix):]] = value
+        else:
+            unexpected.append(key)
+    return own, unexpected, sd
+
+
+def key_listing(what: str, items: list[str]) -> str:
+    """``"N <what>: a, b, ... (+k more)."``, or ``""`` when there are none (error messages)."""
+    if not items:
+        return ""
+    more = f", ... (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    return f"{len(items)} {what}: {', '.join(items[:_MAX_LISTED])}{more}."
+
+
+def mismatch_report(prefix: str, missing: list[str], unexpected: list[str], mismatched: list) -> list[str]:
+    """The missing / unexpected / mis-shaped parts of a strict-load error, keys shown with ``prefix``."""
+    shapes = [f"{prefix}{k} file {list(a)} vs model {list(b)}" for k, a, b in mismatched]
+    return [key_listing("missing key(s)", [prefix + k for k in missing]), key_listing("unexpected key(s)", unexpected),
+            key_listing("shape mismatch(es)", shapes)]

@@ -42,7 +42,13 @@ from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from kdzoo.errors import CheckpointError, UserInputError
-from kdzoo.models.checkpoint import compare_state_dicts, read_checkpoint, split_checkpoint
+from kdzoo.models.checkpoint import (
+    compare_state_dicts,
+    imagenet_backbone_state,
+    mismatch_report,
+    read_checkpoint,
+    split_checkpoint,
+)
 from kdzoo.models.foreign import safe_inplace, torchvision_resnet_pre_taps
 from kdzoo.models.registry import register_model
 from kdzoo.models.taps import Tap, TapSpec, register_tap_resolver
@@ -54,7 +60,6 @@ MOBILENET_V2_STAGE_CHANNELS = (24, 32, 96, 320)
 # The blocks each ``trainable_backbone_layers`` step unfreezes, counted from the top like torchvision's ResNet
 # ``["layer4", "layer3", "layer2", "layer1", "conv1"]``: m5, m4, m3, m2, then the stem and the first block.
 _MOBILENET_V2_STAGE_STARTS = (14, 7, 4, 2, 0)
-_LISTED = 8
 MinSize = int | tuple[int, ...] | list[int]
 
 
@@ -124,34 +129,17 @@ def _drop_frozen_bn_counters(sd: Mapping[str, Tensor], frozen: set[str]) -> Orde
                        if not (k.endswith(".num_batches_tracked") and k[: -len("num_batches_tracked")] in frozen))
 
 
-def _listing(what: str, items: list[str]) -> str:
-    if not items:
-        return ""
-    shown = ", ".join(items[:_LISTED]) + (f", ... (+{len(items) - _LISTED} more)" if len(items) > _LISTED else "")
-    return f"{len(items)} {what}: {shown}."
-
-
 def load_backbone_checkpoint(backbone: BackboneWithFPN, path: str | Path) -> None:
     """Load a torchvision ImageNet classifier file into ``backbone.body`` strictly: every body weight must be in the
     file with its shape; only the ImageNet head (ResNet ``fc``; MobileNetV2 ``classifier`` and the 1280-channel
     ``features.18``) may be extra. Anything else raises :class:`CheckpointError` naming the keys."""
-    sd, _ = split_checkpoint(read_checkpoint(path))
     prefix, is_head = _body_target(backbone)
     body = backbone.body
-    own: OrderedDict[str, Tensor] = OrderedDict()
-    unexpected: list[str] = []
-    for key, value in sd.items():
-        if is_head(key):
-            continue
-        if key.startswith(prefix):
-            own[key[len(prefix):]] = value
-        else:
-            unexpected.append(key)
+    own, unexpected, sd = imagenet_backbone_state(path, prefix, is_head)
     own = _drop_frozen_bn_counters(own, _frozen_bn_prefixes(body))
     missing, extra, mismatched = compare_state_dicts(body.state_dict(), own)
     unexpected += [prefix + k for k in extra]
     if missing or unexpected or mismatched:
-        shapes = [f"{prefix}{k} file {list(a)} vs model {list(b)}" for k, a, b in mismatched]
         hint = ""
         if any(k.startswith("backbone.body.") for k in sd):
             hint = ("The file is a whole detector: load it with kdzoo.models.detection.load_detection_checkpoint "
@@ -159,8 +147,7 @@ def load_backbone_checkpoint(backbone: BackboneWithFPN, path: str | Path) -> Non
         body_name = "ResNet" if prefix == "" else "MobileNetV2"
         parts = [f"backbone checkpoint {path} does not fit this detector's {body_name} body (every body weight "
                  "must be in the file with its shape; only the ImageNet classifier may be extra).",
-                 _listing("missing key(s)", [prefix + k for k in missing]),
-                 _listing("unexpected key(s)", unexpected), _listing("shape mismatch(es)", shapes), hint]
+                 *mismatch_report(prefix, missing, unexpected, mismatched), hint]
         raise CheckpointError(" ".join(p for p in parts if p))
     body.load_state_dict(own, strict=True)
 
@@ -217,11 +204,9 @@ def load_detection_checkpoint(model: nn.Module, path: str | Path, *, side: str =
     sd = upgrade_detection_state_dict(model, sd)
     missing, unexpected, mismatched = compare_state_dicts(model_sd, sd)
     if missing or unexpected or mismatched:
-        shapes = [f"{k} file {list(a)} vs model {list(b)}" for k, a, b in mismatched]
         name = getattr(model, "kdzoo_name", type(model).__name__)
         parts = [f"checkpoint {path} does not fit detector {name!r} (strict load).",
-                 _listing("missing key(s)", missing), _listing("unexpected key(s)", unexpected),
-                 _listing("shape mismatch(es)", shapes)]
+                 *mismatch_report("", missing, unexpected, mismatched)]
         if any(k.endswith("cls_score.weight") for k, _, _ in mismatched):
             parts.append("The box predictor's class count differs: build the model with the file's num_classes "
                          "(torchvision's COCO files: 91).")

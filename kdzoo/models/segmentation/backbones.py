@@ -17,7 +17,6 @@ their checkpoints load strictly and a seed gives the same initial weights.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.errors import CheckpointError, UserInputError
-from kdzoo.models.checkpoint import compare_state_dicts, read_checkpoint, split_checkpoint
+from kdzoo.models.checkpoint import compare_state_dicts, imagenet_backbone_state, mismatch_report
 from kdzoo.models.taps import Tap
 
 
@@ -268,33 +267,17 @@ class MobileNetV2Backbone(nn.Module):
 # --------------------------------------------------------------------------------------------------- ImageNet weights
 
 
-def _listing(what: str, items: list[str]) -> str:
-    more = f", ... (+{len(items) - 8} more)" if len(items) > 8 else ""
-    return f"{len(items)} {what}: {', '.join(items[:8])}{more}." if items else ""
-
-
 def load_imagenet_backbone(backbone: ResNetBackbone | MobileNetV2Backbone, path: str | Path) -> None:
     """Load an ImageNet classifier file into ``backbone`` strictly: every backbone weight must be in the file with
     its shape; only the ImageNet head may be extra (the official code's ``_load_pretrained_model`` silently skips
     whatever does not fit; here a file of another architecture is an error naming the keys)."""
-    sd, _ = split_checkpoint(read_checkpoint(path))
     target, prefix, is_head = backbone.imagenet_target()
-    own: OrderedDict[str, Tensor] = OrderedDict()
-    unexpected: list[str] = []
-    for key, value in sd.items():
-        if is_head(key):
-            continue
-        if key.startswith(prefix):
-            own[key[len(prefix):]] = value
-        else:
-            unexpected.append(key)
+    own, unexpected, _ = imagenet_backbone_state(path, prefix, is_head)
     missing, extra, mismatched = compare_state_dicts(target.state_dict(), own)
     unexpected += [prefix + k for k in extra]
     if missing or unexpected or mismatched:
-        shapes = [f"{prefix}{k} file {list(a)} vs model {list(b)}" for k, a, b in mismatched]
         parts = [f"backbone checkpoint {path} does not fit the {type(backbone).__name__} (every backbone weight must "
                  "be in the file with its shape; only the ImageNet classifier may be extra).",
-                 _listing("missing key(s)", [prefix + k for k in missing]),
-                 _listing("unexpected key(s)", unexpected), _listing("shape mismatch(es)", shapes)]
+                 *mismatch_report(prefix, missing, unexpected, mismatched)]
         raise CheckpointError(" ".join(p for p in parts if p))
     target.load_state_dict(own, strict=True)
