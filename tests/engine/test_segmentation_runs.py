@@ -61,7 +61,7 @@ def data_root(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(("overrides", "message"), [
     (["method.name=kd"], "method 'kd' is defined for classification, detection, not segmentation"),
     (["data.dataset=cifar100"], "cifar100 is a classification dataset, but task=segmentation"),
-    (["task=detection"], "unknown task 'detection'"),
+    (["task=panoptic"], "unknown task 'panoptic'"),
     (["student.name=resnet8"], "student.name=resnet8 is a classification model, but task=segmentation"),
     (["student.backbone_checkpoint=missing.pth", "method.name=vanilla"], "backbone_checkpoint missing.pth does not"),
     (["data.ignore_index=-1", "method.name=vanilla"], "data.ignore_index must be a non-negative integer"),
