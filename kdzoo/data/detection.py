@@ -43,9 +43,8 @@ from torch.utils.data import Dataset
 from kdzoo.data import trees
 from kdzoo.data.bundle import DataBundle
 from kdzoo.data.det_transforms import aspect_ratio_groups, grouped_batches, random_hflip
-from kdzoo.data.planned_loader import PlannedBatchLoader
+from kdzoo.data.planned_loader import PlannedBatchLoader, batches_per_rank, rank_share
 from kdzoo.data.segmentation import _probe_image, decode_image, sample_seed
-from kdzoo.data.tensor_loader import _epoch_generator
 from kdzoo.errors import UserInputError
 from kdzoo.types import Batch, DatasetInfo
 
@@ -406,14 +405,11 @@ class DetTrainLoader(_DetLoader):
         self.groups = aspect_ratio_groups([(s.width, s.height) for s in dataset.samples], group_factor)
 
     def __len__(self) -> int:
-        n = -(-len(self.dataset) // self.world_size)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return batches_per_rank(len(self.dataset), self.batch_size, self.world_size, self.drop_last)
 
     def batches(self, epoch: int) -> list[list[int]]:
-        n = len(self.dataset)
-        order = torch.randperm(n, generator=_epoch_generator(self.seed, epoch))
-        per_rank = -(-n // self.world_size)
-        order = torch.cat([order, order[: per_rank * self.world_size - n]])[self.rank:: self.world_size].tolist()
+        order = rank_share(len(self.dataset), seed=self.seed, epoch=epoch, rank=self.rank,
+                           world_size=self.world_size).tolist()
         return grouped_batches(order, self.groups, self.batch_size, self.drop_last)
 
 

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from kdzoo.data.tensor_loader import _epoch_generator
+from kdzoo.data.planned_loader import batches_per_rank, rank_share
 from kdzoo.errors import UserInputError
 from kdzoo.types import Batch
 
@@ -94,15 +94,11 @@ class FolderLoader:
         self.rank, self.world_size = rank, world_size
 
     def _order(self, epoch: int) -> torch.Tensor:
-        n = len(self.dataset)
-        order = torch.randperm(n, generator=_epoch_generator(self.seed, epoch)) if self.shuffle else torch.arange(n)
-        per_rank = -(-n // self.world_size)
-        order = torch.cat([order, order[: per_rank * self.world_size - n]])
-        return order[self.rank :: self.world_size]
+        return rank_share(len(self.dataset), seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
+                          shuffle=self.shuffle)
 
     def __len__(self) -> int:
-        n = -(-len(self.dataset) // self.world_size)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return batches_per_rank(len(self.dataset), self.batch_size, self.world_size, self.drop_last)
 
     def iterate(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         self.dataset.epoch = epoch

@@ -22,14 +22,12 @@ ImageSets/Segmentation/{train,val}.txt), atomically, and then read by the ordina
 from __future__ import annotations
 
 import importlib.metadata
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from kdzoo.data.cache_dir import write_directory_once
 from kdzoo.errors import UserInputError
 
 try:  # optional: only this demo dataset needs it, and kdzoo must import without it
@@ -115,7 +113,8 @@ def prepare_nuclei_voc(root: str | Path) -> Path:
     Written into a temporary sibling directory and renamed into place, so a present directory is complete
     (concurrent processes, e.g. DDP ranks, may race: the first rename wins, the others discard theirs)."""
     final = Path(root) / NUCLEI_DIRNAME
-    if (final / "ImageSets" / "Segmentation" / "val.txt").is_file():
+    marker = "ImageSets/Segmentation/val.txt"
+    if (final / marker).is_file():
         return final
     image_path, mask_path = nuclei_source_files()
     if tifffile is None:
@@ -124,15 +123,5 @@ def prepare_nuclei_voc(root: str | Path) -> Path:
     if image.shape != (512, 512) or instances.shape != (512, 512):
         raise UserInputError(f"{image_path} / {mask_path}: expected two 512x512 images, got {image.shape} and "
                              f"{instances.shape}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NUCLEI_DIRNAME}-", dir=final.parent))
-    try:
-        _write_voc(tmp / "voc", percentile_to_uint8(image), semantic_from_instances(instances))
-        try:
-            os.rename(tmp / "voc", final)
-        except OSError:
-            if not (final / "ImageSets" / "Segmentation" / "val.txt").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return write_directory_once(
+        final, marker, lambda out: _write_voc(out, percentile_to_uint8(image), semantic_from_instances(instances)))

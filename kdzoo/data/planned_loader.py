@@ -8,9 +8,28 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from kdzoo.data.tensor_loader import _epoch_generator
 from kdzoo.types import Batch
+
+
+def rank_share(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool = True) -> Tensor:
+    """This process's sample indices for ``epoch``: the epoch's permutation (seeded by (seed, epoch)), padded by
+    repetition to a multiple of ``world_size``, every ``world_size``-th entry from ``rank`` (DistributedSampler's
+    rule), so every process gets the same count and the plan is a pure function of the epoch."""
+    n = num_samples
+    order = torch.randperm(n, generator=_epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
+    per_rank = -(-n // world_size)
+    order = torch.cat([order, order[: per_rank * world_size - n]])
+    return order[rank::world_size]
+
+
+def batches_per_rank(num_samples: int, batch_size: int, world_size: int, drop_last: bool) -> int:
+    """Batches each process iterates per epoch under :func:`rank_share`."""
+    per_rank = -(-num_samples // world_size)
+    return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
 
 
 class PlannedBatchLoader:

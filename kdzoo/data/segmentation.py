@@ -31,9 +31,8 @@ from torch.utils.data import Dataset
 
 from kdzoo.data import nuclei
 from kdzoo.data.bundle import DataBundle
-from kdzoo.data.planned_loader import PlannedBatchLoader
+from kdzoo.data.planned_loader import PlannedBatchLoader, batches_per_rank, rank_share
 from kdzoo.data.seg_transforms import FixedResize, FixScaleCrop, TrainTransform, mask_image
-from kdzoo.data.tensor_loader import _epoch_generator
 from kdzoo.errors import UserInputError
 from kdzoo.types import Batch, DatasetInfo
 
@@ -308,14 +307,11 @@ class SegTrainLoader(_SegLoader):
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
 
     def __len__(self) -> int:
-        n = -(-len(self.dataset) // self.world_size)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return batches_per_rank(len(self.dataset), self.batch_size, self.world_size, self.drop_last)
 
     def batches(self, epoch: int) -> list[list[int]]:
-        n = len(self.dataset)
-        order = torch.randperm(n, generator=_epoch_generator(self.seed, epoch))
-        per_rank = -(-n // self.world_size)
-        order = torch.cat([order, order[: per_rank * self.world_size - n]])[self.rank:: self.world_size].tolist()
+        order = rank_share(len(self.dataset), seed=self.seed, epoch=epoch, rank=self.rank,
+                           world_size=self.world_size).tolist()
         return [order[i: i + self.batch_size] for i in range(0, len(self) * self.batch_size, self.batch_size)]
 
 

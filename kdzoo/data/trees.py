@@ -30,9 +30,6 @@ The tiles are written once under ``<root>/trees-voc`` (JPEGImages/*.jpg, Annotat
 from __future__ import annotations
 
 import importlib.metadata
-import os
-import shutil
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from kdzoo.data.cache_dir import write_directory_once
 from kdzoo.errors import UserInputError
 
 TREES_DIRNAME = "trees-voc"
@@ -183,18 +181,8 @@ def prepare_trees_voc(root: str | Path) -> Path:
     Written into a temporary sibling directory and renamed into place, so a present directory is complete
     (concurrent processes, e.g. DDP ranks, may race: the first rename wins, the others discard theirs)."""
     final = Path(root) / TREES_DIRNAME
-    if (final / "ImageSets" / "Main" / "val.txt").is_file():
+    marker = "ImageSets/Main/val.txt"
+    if (final / marker).is_file():
         return final
     source = trees_source_dir()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TREES_DIRNAME}-", dir=final.parent))
-    try:
-        _write_voc(tmp / "voc", source)
-        try:
-            os.rename(tmp / "voc", final)
-        except OSError:
-            if not (final / "ImageSets" / "Main" / "val.txt").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return write_directory_once(final, marker, lambda out: _write_voc(out, source))

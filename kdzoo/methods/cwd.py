@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor
 
-from kdzoo.methods.dense_logits import DenseLogitDistiller
-from kdzoo.methods.losses import at_least_fp32, autocast_off
+from kdzoo.methods.dense_logits import DenseLogitDistiller, tempered_kl_sum
 from kdzoo.methods.registry import register_method
 
 
@@ -28,14 +26,8 @@ def channel_wise_divergence(student_map: Tensor, teacher_map: Tensor, tau: float
     """Paper Eq. 4: each channel's H*W map becomes a distribution by a spatial softmax at temperature ``tau``;
     tau^2 * KL(teacher || student) summed over the pixels and the channels, divided by C * N (MMRazor's
     normalisation). fp32 with autocast off (docs/design.md)."""
-    if student_map.shape != teacher_map.shape:
-        raise ValueError(f"CWD needs equal maps, got {tuple(student_map.shape)} and {tuple(teacher_map.shape)}")
     n, c = student_map.shape[:2]
-    with autocast_off(student_map):
-        log_p_s = F.log_softmax(at_least_fp32(student_map).flatten(2) / tau, dim=2)
-        log_p_t = F.log_softmax(at_least_fp32(teacher_map).flatten(2) / tau, dim=2)
-        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
-    return kl * tau**2 / (c * n)
+    return tempered_kl_sum(student_map, teacher_map, tau, dim=2, what="CWD", flatten=True) / (c * n)
 
 
 @register_method("cwd")

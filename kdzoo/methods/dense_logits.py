@@ -5,11 +5,29 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from kdzoo.methods.base import Distiller
+from kdzoo.methods.losses import at_least_fp32, autocast_off
 from kdzoo.models.taps import Outputs
 from kdzoo.types import SEGMENTATION, Batch, Progress
+
+
+def tempered_kl_sum(student_map: Tensor, teacher_map: Tensor, temperature: float, dim: int, what: str,
+                    flatten: bool = False) -> Tensor:
+    """T^2 * sum of KL(softmax(teacher / T) || softmax(student / T)) over every distribution along ``dim`` (and
+    every element), in fp32 with autocast off (docs/design.md); ``flatten`` first merges the dimensions from
+    ``dim`` on (CWD's H*W distributions); ``what`` names the method in the shape error."""
+    if student_map.shape != teacher_map.shape:
+        raise ValueError(f"{what} needs equal maps, got {tuple(student_map.shape)} and {tuple(teacher_map.shape)}")
+    if flatten:
+        student_map, teacher_map = student_map.flatten(dim), teacher_map.flatten(dim)
+    with autocast_off(student_map):
+        log_p_s = F.log_softmax(at_least_fp32(student_map) / temperature, dim=dim)
+        log_p_t = F.log_softmax(at_least_fp32(teacher_map) / temperature, dim=dim)
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
+    return kl * temperature**2
 
 
 class DenseLogitDistiller(Distiller):

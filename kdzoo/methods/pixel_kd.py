@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor
 
-from kdzoo.methods.dense_logits import DenseLogitDistiller
-from kdzoo.methods.losses import at_least_fp32, autocast_off
+from kdzoo.methods.dense_logits import DenseLogitDistiller, tempered_kl_sum
 from kdzoo.methods.registry import register_method
 
 
@@ -27,14 +25,8 @@ def pixel_kd_loss(student_map: Tensor, teacher_map: Tensor, temperature: float) 
     divided by H * W (the reference's ``sum(...) / W / H``: a sum over the batch, a mean over the pixels).
     The reference writes the teacher-to-student cross-entropy, which differs from this KL only by the
     teacher's entropy: same gradients, and 0 when the maps agree. fp32 with autocast off."""
-    if student_map.shape != teacher_map.shape:
-        raise ValueError(f"pixel KD needs equal maps, got {tuple(student_map.shape)} and {tuple(teacher_map.shape)}")
     height, width = student_map.shape[-2:]
-    with autocast_off(student_map):
-        log_p_s = F.log_softmax(at_least_fp32(student_map) / temperature, dim=1)
-        log_p_t = F.log_softmax(at_least_fp32(teacher_map) / temperature, dim=1)
-        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
-    return kl * temperature**2 / (height * width)
+    return tempered_kl_sum(student_map, teacher_map, temperature, dim=1, what="pixel KD") / (height * width)
 
 
 @register_method("pixel_kd")
