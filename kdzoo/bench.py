@@ -208,6 +208,16 @@ def _student_loss(student: torch.nn.Module, inputs: BenchInputs) -> torch.Tensor
     return F.cross_entropy(student(inputs.images), inputs.target)
 
 
+def _teacher_forward(teacher: torch.nn.Module, inputs: BenchInputs) -> None:
+    """The teacher forward every method of the task needs. A detector: its transform, backbone and FPN (what the
+    FPN methods read and what the ROI-logit methods' head runs on); its full inference (RPN, NMS, box
+    post-processing) is not part of any distillation step."""
+    if inputs.task.name == DETECTION:
+        teacher.backbone(teacher.transform(inputs.images)[0].tensors)
+    else:
+        teacher(inputs.images)
+
+
 def _timed(name: str, step: Callable[[], None], inputs: BenchInputs, extra_params: int = 0) -> Timing:
     times = time_steps(step, inputs.device, inputs.warmup, inputs.steps)
     return _summary(name, times, inputs.device, extra_params, count_flops(step))
@@ -225,7 +235,7 @@ def _floor_timings(inputs: BenchInputs, student_name: str, num_classes: int) -> 
         def step() -> None:
             if with_teacher:
                 with torch.no_grad():
-                    inputs.teacher(inputs.images)
+                    _teacher_forward(inputs.teacher, inputs)
             loss = _student_loss(student, inputs)
             opt.zero_grad(set_to_none=True)
             loss.backward()

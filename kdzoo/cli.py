@@ -1,11 +1,14 @@
-"""Command line: ``kdzoo train | eval | demo | list``. Bad input exits with code 2 and one paragraph."""
+"""Command line: ``kdzoo train | eval | demo | bench | cache | export | plot | teachers | sweep | report | list``.
+Bad input exits with code 2 and one paragraph."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import torch
 from kdzoo.bench import BENCH_SETTINGS, format_table, run_bench, time_epoch
 from kdzoo.config.loader import config_from_dict, deep_merge, load_config, parse_overrides
 from kdzoo.data.datasets import build_data
-from kdzoo.demo import run_demo, run_segmentation_demo
+from kdzoo.demo import run_demo, run_detection_demo, run_segmentation_demo
 from kdzoo.engine.metrics import EVALUATORS, PRIMARY_METRIC, EvalContext
 from kdzoo.engine.run import run_training
 from kdzoo.engine.runtime import resolve_device
@@ -29,10 +32,15 @@ from kdzoo.engine.setup import (
 from kdzoo.engine.stop import TrainingStopped
 from kdzoo.engine.teacher_cache import TeacherCache, build_cache, verify_cache
 from kdzoo.errors import UserInputError
+from kdzoo.export import FORMATS, export_student
 from kdzoo.methods.registry import list_methods
 from kdzoo.models.registry import count_parameters, create_model, list_models
-from kdzoo.plot import plot_runs
-from kdzoo.types import CLASSIFICATION, SEGMENTATION, TASKS
+from kdzoo.plot import plot_runs, read_metrics
+from kdzoo.report import REPORT_FORMATS, collect, render
+from kdzoo.report_figure import plot_report
+from kdzoo.sweep import run_sweep
+from kdzoo.teachers import eval_hint, fetch, format_listing
+from kdzoo.types import CLASSIFICATION, DETECTION, SEGMENTATION, TASKS
 
 EXIT_USER_ERROR = 2
 METRIC_NAMES = {"top1": "top-1", "top5": "top-5"}
@@ -43,7 +51,6 @@ def _configs_root() -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-
     overrides = list(args.overrides)
     resume = args.resume
     # `resume=auto` may also be given as an override (torchrun restarts use the same arguments).
@@ -52,6 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             resume = item.split("=", 1)[1]
             overrides.remove(item)
     cfg = load_config(args.config, overrides)
+    started = time.perf_counter()
     try:
         summary = run_training(cfg, resume=resume)
     except TrainingStopped as stopped:
@@ -59,16 +67,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         return stopped.exit_code
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for the group
         return 0
-    print(f"run directory: {summary['run_dir']}")
+    wall = time.perf_counter() - started
+    scores = "no evaluated epoch"
     if summary["last"] is not None:
-        print(f"{summary['metric']} last {summary['last']:.2f}  best {summary['best']:.2f} "
-              f"(epoch {summary['best_epoch']})")
+        last_epoch = read_metrics(summary["run_dir"])[-1]["epoch"]
+        scores = (f"{summary['metric']} last {summary['last']:.2f} (epoch {last_epoch}), best {summary['best']:.2f} "
+                  f"(epoch {summary['best_epoch']})")
+    print(f"done in {wall:.1f} s: {scores}; run directory: {summary['run_dir']}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-
-
     # The config only describes the data and the runtime here; its student is the evaluated architecture.
     name = args.model or recorded_model_name(args.checkpoint) or "resnet8"
     raw = deep_merge({"student": {"name": name}}, parse_overrides(args.overrides))
@@ -84,19 +93,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{args.model or args.checkpoint} on {cfg.data.dataset} (evaluation split): "
           + "  ".join(f"{k} {metrics[k]:.4f}" if k == "loss" else f"{METRIC_NAMES.get(k, k)} {metrics[k]:.2f}"
                       for k in shown))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "dataset": cfg.data.dataset,
+                                               "metrics": metrics}, indent=1) + "\n")
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "methods":
-
         print(f"{'name':14s} {'tasks':29s} reference")
         for name, cls in list_methods().items():
             doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
             print(f"{name:14s} {', '.join(cls.supported_tasks):29s} {doc}")
     elif args.what == "models":
-
-
         print(f"{'name':26s} {'family':12s} {'params (100 cls)':>16s}")
         for entry in list_models():
             with torch.device("meta"):
@@ -112,8 +121,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-
-    if args.task == SEGMENTATION:
+    if args.task == DETECTION:
+        run_detection_demo(output_dir=args.output_dir, iterations=args.epochs, teacher_iterations=args.teacher_epochs,
+                           data_root=args.data_root)
+    elif args.task == SEGMENTATION:
         run_segmentation_demo(output_dir=args.output_dir, epochs=args.epochs, teacher_epochs=args.teacher_epochs,
                               data_root=args.data_root)
     else:
@@ -122,9 +133,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-
-
-
     if args.threads:
         torch.set_num_threads(args.threads)
     setting = BENCH_SETTINGS[args.task]
@@ -141,7 +149,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
               f"{platform.processor() or platform.machine()}")
     if args.epoch_samples:
-
         results.append(time_epoch("kd", teacher, student, batch_size, args.device, args.data_root,
                                   args.epoch_samples, args.output_dir))
     print(format_table(results, header))
@@ -149,8 +156,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-
-
     cfg = load_config(args.config, args.overrides)
     if not cfg.teacher.cache:
         raise UserInputError("set teacher.cache=DIR: the directory the cache is written to / read from")
@@ -173,11 +178,46 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plot(args: argparse.Namespace) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
+    result = export_student(args.source, args.format, args.output, image_size=args.image_size, opset=args.opset)
+    shape = "x".join(str(d) for d in result.metadata["input"]["shape"])
+    print(f"exported {result.checkpoint} to {result.path} ({args.format}, input {shape}); metadata in "
+          f"{result.metadata_path}")
+    print(f"checked against the PyTorch model: max |difference| {result.max_abs_diff:.3g}")
+    return 0
 
+
+def cmd_plot(args: argparse.Namespace) -> int:
     labels = args.labels.split(",") if args.labels else None
     output = plot_runs(args.runs, args.output, labels)
     print(f"curves of {len(args.runs)} run(s) written to {output}")
+    return 0
+
+
+def cmd_teachers(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        print(format_listing(args.dir))
+        return 0
+    for teacher, path in fetch(args.names, args.dir):
+        print(eval_hint(teacher, path))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    return run_sweep(args.spec, executor=args.executor, dry_run=args.dry_run)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    collected = collect(args.paths)
+    text = render(collected, args.format)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+        print(f"{args.format} report of {len(collected.runs)} run(s) written to {args.output}")
+    else:
+        print(text, end="" if text.endswith("\n") else "\n")
+    if args.plot:
+        print(f"figure written to {plot_report(collected, args.plot)}")
     return 0
 
 
@@ -195,15 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="top-1/top-5/loss of a checkpoint on the test split")
     ev.add_argument("--model", default=None, help="architecture (not needed for kdzoo exports that record it)")
     ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--json", default=None, help="also write every metric, unrounded, to this JSON file")
     ev.add_argument("overrides", nargs="*", help="e.g. data.root=../shared/data data.dataset=cifar100")
     ev.set_defaults(func=cmd_eval)
 
-    demo = sub.add_parser("demo", help="teacher, student, KD and DKD on the embedded MNIST-5k dataset")
+    demo = sub.add_parser("demo", help="a teacher, a plain student and distilled ones on data that installs with a "
+                          "package (MNIST-5k digits, DSB-2018 nuclei, deepforest tree crowns)")
     demo.add_argument("--task", default=CLASSIFICATION, choices=TASKS)
-    demo.add_argument("--data-root", default="data", help="segmentation: where the nuclei VOC tree is written")
+    demo.add_argument("--data-root", default="data",
+                      help="segmentation / detection: where the nuclei or trees VOC tree is written")
     demo.add_argument("--output-dir", default="runs/demo")
-    demo.add_argument("--epochs", type=int, default=None, help="student epochs (default: the demo's budget)")
-    demo.add_argument("--teacher-epochs", type=int, default=None)
+    demo.add_argument("--epochs", type=int, default=None,
+                      help="student budget: epochs (detection: iterations); default: the demo's")
+    demo.add_argument("--teacher-epochs", type=int, default=None, help="teacher budget, in the same unit")
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="s/step of every method vs the compute floor")
@@ -234,11 +278,43 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--samples", type=int, default=256, help="random views recomputed by verify")
     cache.set_defaults(func=cmd_cache)
 
+    export = sub.add_parser("export", help="a trained student as ONNX, TorchScript or safetensors, checked "
+                            "against PyTorch")
+    export.add_argument("source", help="run directory (its student_best.pt, else student_last.pt) or a "
+                        "student_*.pt file")
+    export.add_argument("--format", required=True, help=" | ".join(FORMATS))
+    export.add_argument("--output", default=None, help="default: next to the checkpoint, e.g. student_best.onnx")
+    export.add_argument("--image-size", type=int, default=None,
+                        help="input height = width (default: from the run's config.yaml)")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    export.set_defaults(func=cmd_export)
+
     plot = sub.add_parser("plot", help="accuracy and loss curves of runs, side by side, to an image")
     plot.add_argument("runs", nargs="+", help="run directories (each holds a metrics.jsonl)")
     plot.add_argument("--output", default="curves.png", help="image file (.png, .pdf, .svg)")
     plot.add_argument("--labels", default=None, help="comma-separated legend labels (default: directory names)")
     plot.set_defaults(func=cmd_plot)
+
+    teachers = sub.add_parser("teachers", help="the published CIFAR-100 teachers: list them, fetch them verified")
+    teachers.add_argument("action", choices=["list", "fetch"])
+    teachers.add_argument("names", nargs="*", help="fetch: teacher names from `kdzoo teachers list`, or all")
+    teachers.add_argument("--dir", default=None, help="teachers directory (default: $KDZOO_TEACHERS or ./teachers)")
+    teachers.set_defaults(func=cmd_teachers)
+
+    sweep = sub.add_parser("sweep", help="a grid of runs (methods x seeds x ...) from a spec, locally or on SLURM; "
+                           "re-running continues it")
+    sweep.add_argument("spec", help="sweep spec YAML (docs/sweeps.md)")
+    sweep.add_argument("--executor", choices=["local", "slurm"], default=None, help="default: the spec's executor.name")
+    sweep.add_argument("--dry-run", action="store_true", help="validate every cell and list them; run nothing")
+    sweep.set_defaults(func=cmd_sweep)
+
+    report = sub.add_parser("report", help="tables of runs and sweeps: mean ± std over seeds, published, gain over "
+                            "the cross-entropy student")
+    report.add_argument("paths", nargs="+", help="sweep directories, run directories, or folders holding runs")
+    report.add_argument("--format", default="markdown", choices=REPORT_FORMATS)
+    report.add_argument("--output", default=None, help="write the table to this file (default: print it)")
+    report.add_argument("--plot", default=None, help="also draw bars and curves to this image (.png, .pdf, .svg)")
+    report.set_defaults(func=cmd_report)
 
     ls = sub.add_parser("list", help="what exists")
     ls.add_argument("what", choices=["methods", "models", "configs"])

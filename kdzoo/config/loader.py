@@ -66,10 +66,15 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         raise UserInputError(f"cannot parse overrides {list(overrides)}: {exc}") from None
 
 
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe file with its ``_base_`` chain merged in, not yet validated (a sweep layers several)."""
+    return _read_yaml(Path(path).resolve(), ())
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read_yaml(Path(path).resolve(), ())
+        raw = read_recipe(path)
     raw = deep_merge(raw, parse_overrides(overrides))
     return config_from_dict(raw)
 
@@ -101,6 +106,14 @@ def validate(cfg: Config) -> None:
         (cfg.schedule.name in ("multistep", "poly"), f"schedule.name must be multistep or poly, got "
          f"{cfg.schedule.name!r}"),
         (cfg.schedule.power > 0, "schedule.power must be positive"),
+        (cfg.schedule.unit in ("epochs", "iterations"), f"schedule.unit must be epochs or iterations, got "
+         f"{cfg.schedule.unit!r}"),
+        (cfg.schedule.unit == "epochs" or (cfg.schedule.iterations or 0) > 0, "schedule.unit=iterations needs "
+         "schedule.iterations (a positive step count, e.g. 180000)"),
+        (cfg.schedule.warmup_iters >= 0, "schedule.warmup_iters must be >= 0"),
+        (0 < cfg.schedule.warmup_factor <= 1, "schedule.warmup_factor must be in (0, 1]"),
+        (cfg.schedule.reference_batch is None or cfg.schedule.reference_batch > 0, "schedule.reference_batch must "
+         "be positive"),
         (cfg.optim.head_lr_scale > 0 and cfg.optim.extra_lr_scale > 0, "optim.head_lr_scale and "
          "optim.extra_lr_scale must be positive"),
         (cfg.data.crop_size > 0 and cfg.data.base_size > 0, "data.crop_size and data.base_size must be positive"),

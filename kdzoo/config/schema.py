@@ -97,6 +97,19 @@ class ScheduleConfig:
     milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
     gamma: float = 0.1
     power: float = 0.9  # poly: lr = base * (1 - step / total_steps) ** power over all stages' steps
+    # epochs: `epochs` and `milestones` count epochs (RepDistiller). iterations: the run is `iterations` optimiser
+    # steps and `milestones` count steps, decayed from step m on (Detectron2 WarmupMultiStepLR / MAX_ITER, STEPS);
+    # the last epoch stops at the step count. docs/config.md, Schedules.
+    unit: str = "epochs"  # epochs | iterations
+    iterations: int | None = None  # unit=iterations: optimiser steps of the scheduled stages (Detectron2 MAX_ITER)
+    # Linear warm-up over the first `warmup_iters` steps from `warmup_factor` x lr (Detectron2 WARMUP_ITERS 1000,
+    # WARMUP_FACTOR 0.001, WARMUP_METHOD linear); 0 = none (RepDistiller, mdistiller's CIFAR recipes).
+    warmup_iters: int = 0
+    warmup_factor: float = 0.001
+    # Linear scaling rule (Goyal et al. 2017; Detectron2 SOLVER.REFERENCE_WORLD_SIZE): when set, the recipe's lr is
+    # for this global batch; a run with global batch B uses lr x B / reference_batch and, with unit=iterations,
+    # iterations, milestones and warm-up x reference_batch / B (the same images seen). None = use them as written.
+    reference_batch: int | None = None
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -36,11 +37,45 @@ def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
     return base_lr * max(1.0 - step / max(total_steps, 1), 0.0) ** power
 
 
+def warmup_factor(step: int, schedule: ScheduleConfig) -> float:
+    """Detectron2 ``solver/lr_scheduler.py`` linear warm-up: at 0-based step t < W the lr is multiplied by
+    f (1 - t/W) + t/W, f = ``warmup_factor``; 1 from step W on."""
+    if step >= schedule.warmup_iters:
+        return 1.0
+    alpha = step / schedule.warmup_iters
+    return schedule.warmup_factor * (1.0 - alpha) + alpha
+
+
 def scheduled_lr(base_lr: float, schedule: ScheduleConfig, *, epoch: int, step: int, total_steps: int) -> float:
-    """The lr of ``schedule`` at 1-based ``epoch`` of the stage (multistep) or 0-based global ``step`` (poly)."""
+    """The lr of ``schedule`` at 1-based ``epoch`` of the stage and 0-based global ``step``: poly per step;
+    multistep per epoch (unit=epochs) or per step (unit=iterations, Detectron2's WarmupMultiStepLR:
+    base * gamma^#{m <= step}); times the linear warm-up factor."""
     if schedule.name == "poly":
-        return poly_lr(base_lr, step, total_steps, schedule.power)
-    return multistep_lr(base_lr, epoch, schedule)
+        lr = poly_lr(base_lr, step, total_steps, schedule.power)
+    elif schedule.unit == "iterations":
+        lr = base_lr * schedule.gamma ** sum(step >= m for m in schedule.milestones)
+    else:
+        lr = multistep_lr(base_lr, epoch, schedule)
+    return lr * warmup_factor(step, schedule)
+
+
+def scaled_to_batch(schedule: ScheduleConfig, lr: float, global_batch: int) -> tuple[ScheduleConfig, float]:
+    """The schedule and base lr a run with ``global_batch`` images per step uses, by the linear scaling rule
+    (Goyal et al. 2017, "Accurate, Large Minibatch SGD"; Detectron2's ``DefaultTrainer.auto_scale_workers``):
+    lr x k with k = global_batch / ``reference_batch``, and with unit=iterations the step counts (iterations,
+    milestones, warm-up) / k, rounded, so the run sees the same images. No ``reference_batch``: unchanged."""
+    if schedule.reference_batch is None or global_batch == schedule.reference_batch:
+        return schedule, lr
+    k = global_batch / schedule.reference_batch
+    if schedule.unit != "iterations":
+        return schedule, lr * k
+    scaled = dataclasses.replace(
+        schedule,
+        iterations=max(1, round(schedule.iterations / k)),
+        milestones=[round(m / k) for m in schedule.milestones],
+        warmup_iters=round(schedule.warmup_iters / k),
+    )
+    return scaled, lr * k
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

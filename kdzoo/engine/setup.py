@@ -28,6 +28,7 @@ from kdzoo.methods.base import Distiller
 from kdzoo.methods.registry import method_class
 from kdzoo.models.checkpoint import load_checkpoint
 from kdzoo.models.registry import create_model, model_entry
+from kdzoo.teachers import resolve_checkpoint
 from kdzoo.types import TaskSpec
 
 
@@ -43,6 +44,7 @@ class RunParts:
 
 
 def load_weights(model: nn.Module, path: str, role: str) -> dict:
+    path = resolve_checkpoint(path)  # `teachers:NAME`: the fetched file, checked against its manifest hash
     if not Path(path).is_file():
         raise UserInputError(f"{role} checkpoint {path} does not exist")
     return load_checkpoint(model, path)
@@ -79,15 +81,21 @@ def load_model_for_eval(
         model = build_model(name, num_classes, input_shape, model_args=model_args)
         load_weights(model, path, "model")
         return model
+    model = build_composite(composite, num_classes, input_shape)
+    model.load_state_dict(payload["model"])
+    return model
+
+
+def build_composite(composite: dict[str, Any], num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """The (untrained) network a method exports, from an export's ``composite`` record (method, its config, both
+    architectures and their taps); the caller loads the exported state_dict into it."""
     student = build_model(composite["student_name"], num_classes, input_shape, composite.get("student_taps"),
                           "student")
     teacher = build_model(composite["teacher_name"], num_classes, input_shape, composite.get("teacher_taps"),
                           "teacher")
     method = method_class(composite["method"])
     distiller = method(student, teacher, composite["method_config"], input_shape=input_shape)
-    model = distiller.export_student()
-    model.load_state_dict(payload["model"])
-    return model
+    return distiller.export_student()
 
 
 def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], taps: dict[str, Any] | None = None,
@@ -165,7 +173,8 @@ def prepare_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torc
 def cache_key_for(cfg: Config, data: DataBundle) -> Any:
     if not isinstance(data.train, TensorBatchLoader) or not cfg.teacher.name or not cfg.teacher.checkpoint:
         raise UserInputError("the teacher cache needs an in-memory dataset (CIFAR, mnist5k) and a teacher checkpoint")
-    return cache_key(data.train, cfg.teacher.name, cfg.teacher.checkpoint, cfg.data.dataset, data.num_classes)
+    return cache_key(data.train, cfg.teacher.name, resolve_checkpoint(cfg.teacher.checkpoint), cfg.data.dataset,
+                     data.num_classes)
 
 
 def open_teacher_cache(cfg: Config, data: DataBundle, distiller: Distiller,

@@ -28,7 +28,7 @@ from kdzoo.engine.dot import dot_backward_step
 from kdzoo.engine.faults import fault_point
 from kdzoo.engine.logger import MetricsLog
 from kdzoo.engine.metrics import EVALUATORS, PRIMARY_METRIC, EvalContext
-from kdzoo.engine.optim import build_optimizer, scheduled_lr, set_lr
+from kdzoo.engine.optim import build_optimizer, scaled_to_batch, scheduled_lr, set_lr
 from kdzoo.engine.runtime import amp_dtype, autocast, rng_state, set_rng_state
 from kdzoo.engine.setup import RunParts
 from kdzoo.engine.stop import StopRequests, TrainingStopped
@@ -79,6 +79,10 @@ class Trainer:
         self.is_main = is_main
         self.state = TrainState()
         self.stages = self.distiller.training_stages()
+        # The schedule as this run applies it: the recipe's, scaled to the global batch when it names the batch
+        # its lr is for (schedule.reference_batch).
+        self.schedule, self.base_lr = scaled_to_batch(self.cfg.schedule, self.cfg.optim.lr,
+                                                      parts.world_size * self.cfg.data.batch_size)
         self.primary_metric = PRIMARY_METRIC[self.distiller.task.name]
         self.amp = self.cfg.runtime.amp
         self.amp_dtype = amp_dtype(self.device, self.cfg.runtime.amp_dtype)
@@ -146,8 +150,25 @@ class Trainer:
                           for scale, params in parts.items())
         return scaled
 
+    def stage_steps(self, stage: Stage) -> int:
+        """Optimiser steps of ``stage``: ``schedule.iterations`` for a scheduled-length stage under
+        unit=iterations, else its epochs times the batches of an epoch."""
+        if stage.epochs is None and self.schedule.unit == "iterations":
+            return self.schedule.iterations
+        return self.stage_epochs(stage) * len(self.parts.data.train)
+
     def stage_epochs(self, stage: Stage) -> int:
-        return stage.epochs if stage.epochs is not None else self.cfg.schedule.epochs
+        if stage.epochs is not None:
+            return stage.epochs
+        if self.schedule.unit == "iterations":
+            return math.ceil(self.schedule.iterations / len(self.parts.data.train))
+        return self.schedule.epochs
+
+    def steps_in_epoch(self, stage: Stage, epoch: int) -> int:
+        """Batches of ``epoch`` (1-based) of ``stage``: a whole pass, but the last epoch of an iteration-counted
+        stage stops at the stage's step count."""
+        per_epoch = len(self.parts.data.train)
+        return min(per_epoch, self.stage_steps(stage) - (epoch - 1) * per_epoch)
 
     # ---- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -263,13 +284,14 @@ class Trainer:
         the end-of-epoch checks, evaluation, record, exports and checkpoint."""
         s = self.state
         epochs = self.stage_epochs(stage)
-        per_step_lr = self.cfg.schedule.name == "poly"
+        schedule = self.schedule
+        per_step_lr = schedule.name == "poly" or schedule.unit == "iterations" or schedule.warmup_iters > 0
         self._set_lr(stage)
         self.distiller.train()
         progress = Progress(epoch=s.epoch, epochs=epochs, step=s.global_step, stage=stage.name)
         bad_terms: dict[str, Tensor] = {}
         started = time.perf_counter()
-        steps_in_epoch = len(self.parts.data.train)
+        steps_in_epoch = self.steps_in_epoch(stage, s.epoch)
         bar = self._progress_bar(steps_in_epoch, s.step_in_epoch, f"{stage.name} {s.epoch}/{epochs}")
         for batch in self.parts.data.train.iterate(s.epoch, s.step_in_epoch):
             progress.step = s.global_step
@@ -282,21 +304,23 @@ class Trainer:
             fault_point("step")
             if bar is not None:
                 bar.update(1)
-            if s.step_in_epoch < steps_in_epoch:
-                self._between_steps(stage, bad_terms, bar)
+            if s.step_in_epoch >= steps_in_epoch:
+                break
+            self._between_steps(stage, bad_terms, bar)
         if bar is not None:
             bar.close()
         self._end_epoch(stage, bad_terms, time.perf_counter() - started)
 
     def _set_lr(self, stage: Stage) -> None:
-        """The schedule's lr for where training is: per epoch (multistep) or per step (poly, counted over every
-        stage's steps, as pytorch-deeplab-xception's LR_Scheduler counts epoch 0 too)."""
-        base_lr = stage.lr if stage.lr is not None else self.cfg.optim.lr
+        """The schedule's lr for where training is: per epoch (multistep) or per step (poly, iteration-counted
+        steps, warm-up), steps counted over every stage, as pytorch-deeplab-xception's LR_Scheduler counts epoch 0
+        too. A stage's own lr is scaled to the batch like the optimiser's."""
+        base_lr = self.base_lr if stage.lr is None else stage.lr * self.base_lr / self.cfg.optim.lr
         if not stage.use_schedule:
             set_lr(self.optimizer, base_lr)
             return
-        total_steps = sum(self.stage_epochs(s) for s in self.stages) * len(self.parts.data.train)
-        set_lr(self.optimizer, scheduled_lr(base_lr, self.cfg.schedule, epoch=self.state.epoch,
+        total_steps = sum(self.stage_steps(s) for s in self.stages)
+        set_lr(self.optimizer, scheduled_lr(base_lr, self.schedule, epoch=self.state.epoch,
                                             step=self.state.global_step, total_steps=total_steps))
 
     def _accumulate(self, losses: dict[str, Tensor], bad_terms: dict[str, Tensor]) -> None:

@@ -47,6 +47,10 @@ class DenseLogitDistiller(Distiller):
     def dense_term(self, student_map: Tensor, teacher_map: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def term_weight(self) -> float:
+        """The weight of :meth:`dense_term`: the config's ``weight_key`` value."""
+        return getattr(self.cfg, self.weight_key)
+
     def compute_losses(
         self, student: Outputs, teacher: Outputs | None, batch: Batch, progress: Progress
     ) -> dict[str, Tensor]:
@@ -54,6 +58,5 @@ class DenseLogitDistiller(Distiller):
         cfg = self.cfg
         return {
             "loss_ce": cfg.ce_weight * self.task_loss(student.logits, batch.target),
-            self.loss_name: getattr(cfg, self.weight_key) * self.dense_term(student.dense_logits,
-                                                                            teacher.dense_logits),
+            self.loss_name: self.term_weight() * self.dense_term(student.dense_logits, teacher.dense_logits),
         }

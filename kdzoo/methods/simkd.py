@@ -60,7 +60,9 @@ class SimKDStudent(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         feat = self._extractor(images).feats[-1]
-        height, width = feat.shape[-2:]
+        # Python ints: under torch.jit.trace (`kdzoo export --format torchscript`) sizes are tensors, which round()
+        # rejects; the map size is fixed by the input size the network was exported at.
+        height, width = int(feat.shape[-2]), int(feat.shape[-1])
         target = (round(height * self.size_ratio[0]), round(width * self.size_ratio[1]))
         if height > target[0]:  # SimKD pools the student only when its map is larger than the teacher's
             feat = F.adaptive_avg_pool2d(feat, target)

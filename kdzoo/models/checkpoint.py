@@ -186,6 +186,23 @@ def split_checkpoint(
 # --------------------------------------------------------------------------------------------------- loading
 
 
+StateDictUpgrade = Callable[[nn.Module, Mapping[str, Tensor]], Mapping[str, Tensor]]
+_STATE_DICT_UPGRADES: list[tuple[type[nn.Module], StateDictUpgrade]] = []
+
+
+def register_state_dict_upgrade(model_type: type[nn.Module], upgrade: StateDictUpgrade) -> None:
+    """``upgrade(model, state_dict)`` renames a file's legacy keys for every instance of ``model_type`` before
+    :func:`load_checkpoint` compares them (torchvision's detectors: kdzoo/models/detection/zoo.py)."""
+    _STATE_DICT_UPGRADES.append((model_type, upgrade))
+
+
+def upgraded_state_dict(model: nn.Module, sd: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    for model_type, upgrade in _STATE_DICT_UPGRADES:
+        if isinstance(model, model_type):
+            return upgrade(model, sd)
+    return sd
+
+
 def load_checkpoint(
     model: nn.Module, path: str | Path, *, side: str = "student", strict: bool = True
 ) -> dict[str, Any]:
@@ -199,6 +216,7 @@ def load_checkpoint(
     obj = read_checkpoint(path)
     model_sd = model.state_dict()
     sd, meta = split_checkpoint(obj, side, set(model_sd))
+    sd = upgraded_state_dict(model, sd)
     missing, unexpected, mismatched = compare_state_dicts(model_sd, sd)
     if strict and (missing or unexpected or mismatched):
         raise CheckpointError(_mismatch_message(model, path, sd, missing, unexpected, mismatched))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kdzoo.demo import run_demo, run_segmentation_demo
+from kdzoo.demo import run_demo, run_detection_demo, run_segmentation_demo
 from kdzoo.plot import read_metrics
 
 
@@ -42,3 +42,20 @@ def test_segmentation_demo_trains_on_the_real_nuclei_masks(tmp_path, capsys):
     assert {"train/loss_ce", "train/loss_cwd"} <= set(read_metrics(rows[3]["run_dir"])[0])
     out = capsys.readouterr().out
     assert "last mIoU" in out and Path(out.split("curves: ")[1].split()[0]).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_detection_demo_trains_on_the_real_tree_crowns(tmp_path, capsys):
+    """Teacher 6 iterations (an epoch of 9 batches, cut at 6), students 4: one truncated epoch each, evaluated."""
+    pytest.importorskip("pycocotools")
+    rows = run_detection_demo(str(tmp_path / "runs"), iterations=4, teacher_iterations=6, data_root=str(tmp_path))
+    assert [r["run"] for r in rows] == ["teacher R18", "student MV2", "ReviewKD MV2"]
+    assert (tmp_path / "trees-voc" / "ImageSets" / "Main" / "val.txt").is_file()  # the VOC XML layout
+    for row, steps in zip(rows, (6, 4, 4)):
+        records = read_metrics(row["run_dir"])
+        assert row["metric"] == "map" and [r["step"] for r in records] == [steps]
+        assert row["last"] == records[0]["map"] and 0.0 <= row["last"] <= 100.0 and "map50" in records[0]
+    assert {"train/loss_classifier", "train/loss_reviewkd"} <= set(read_metrics(rows[2]["run_dir"])[0])
+    out = capsys.readouterr().out
+    assert "last mAP" in out and Path(out.split("curves: ")[1].split()[0]).read_bytes()[:4] == b"\x89PNG"

@@ -6,13 +6,16 @@ export gives the recorded mAP; a kill mid-epoch resumes bit for bit; bad input e
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import re
 import signal
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+import kdzoo
 from tests.conftest import running_in_ci
 from tests.engine.test_crash_resume import MARGIN_S, RUN_TIMEOUT_S, _assert_same, _outcome
 from tests.engine.test_segmentation_runs import _kdzoo
@@ -70,6 +73,50 @@ def test_detector_trains_evaluates_and_resumes_bit_exactly(tmp_path, data_root):
     resumed = _kdzoo(["train", str(config), f"experiment.output_dir={tmp_path / 'crash'}", "--resume"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same(expected, _outcome(tmp_path / "crash" / "run"), "detection")
+
+
+SLIM = {"min_size": 160, "max_size": 200, "norm": "bn", "fpn_channels": 32, "box_representation_size": 64,
+        "box_batch_size_per_image": 64}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S + MARGIN_S)
+def test_torchrun_detection_kd_gathers_the_predictions_of_both_ranks(tmp_path, data_root):
+    """ROI-logit KD from a teacher file in torchvision's references/detection layout (``{"model": ...}``), an
+    iteration schedule with warm-up (3 steps: an epoch of 2 per rank, then one), 2 gloo processes; the COCO AP of
+    the 2-process evaluation (each rank scored half of the validation tiles, predictions gathered on rank 0)
+    equals a single-process ``kdzoo eval`` of the exported weights."""
+    torch.manual_seed(4)
+    teacher = tmp_path / "teacher_references_layout.pth"
+    torch.save({"model": kdzoo.create_model("fasterrcnn_mobilenet_v2_fpn", num_classes=2, **SLIM).state_dict(),
+                "epoch": 25}, teacher)
+    args = ", ".join(f"{k}: {v}" for k, v in SLIM.items())
+    config = tmp_path / "ddp.yaml"
+    config.write_text(
+        "task: detection\nexperiment: {name: run, seed: 9}\n"
+        f"data: {{dataset: trees, root: {data_root}, batch_size: 2, test_batch_size: 2, subset: 8, test_subset: 4,"
+        " num_workers: 0}\n"
+        f"teacher: {{name: fasterrcnn_mobilenet_v2_fpn, checkpoint: {teacher}, model_args: {{{args}}}}}\n"
+        f"student: {{name: fasterrcnn_mobilenet_v2_fpn, model_args: {{{args}}}}}\n"
+        "method: {name: kd}\noptim: {lr: 0.01}\n"
+        "schedule: {unit: iterations, iterations: 3, milestones: [2], warmup_iters: 2}\n"
+        "runtime: {device: cpu, progress: false, tensorboard: false, threads: 1, log_interval: 1}\n")
+    out = tmp_path / "ddp"
+    result = _kdzoo(["train", str(config), f"experiment.output_dir={out}"], tmp_path, torchrun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 3]
+    assert records[-1]["lr"] == pytest.approx(0.001)  # step 2: past the warm-up, decayed once
+    assert {"train/loss_kd", "train/loss_classifier", "train/loss_objectness"} <= set(records[0])
+    scores = tmp_path / "eval.json"
+    evaluated = _kdzoo(["eval", "--checkpoint", str(out / "run" / "student_last.pt"), "--json", str(scores),
+                        "task=detection", "data.dataset=trees", f"data.root={data_root}", "data.test_subset=4",
+                        "data.test_batch_size=2", "runtime.device=cpu"], tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    single = json.loads(scores.read_text())["metrics"]
+    assert single["map50"] > 0.05  # a non-trivial score (random-start boxes on ~15 crowns a tile)
+    for metric in ("map", "map50", "map75", "map_small", "map_medium", "map_large"):
+        assert single[metric] == pytest.approx(records[-1][metric], rel=1e-9, abs=1e-12), metric
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -77,7 +77,8 @@ def test_bad_segmentation_configs_exit_2_before_writing(tmp_path, data_root, ove
 def test_cwd_on_classification_is_a_config_error(tmp_path):
     result = _kdzoo(["train", str(REPO_ROOT / "configs/cifar100/kd/resnet32x4_resnet8x4.yaml"), "method.name=cwd",
                      f"experiment.output_dir={tmp_path / 'out'}"], tmp_path)
-    assert result.returncode == 2 and "method 'cwd' is defined for segmentation, not classification" in result.stderr
+    assert result.returncode == 2
+    assert "method 'cwd' is defined for segmentation, detection, not classification" in result.stderr
     assert not (tmp_path / "out").exists()
 
 

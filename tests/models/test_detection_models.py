@@ -159,6 +159,10 @@ def test_torchvision_coco_layouts_load_strictly(coco_files) -> None:
     assert all(torch.equal(v, sd[k]) for k, v in loaded.items())
     assert load_detection_checkpoint(model, references_path)["epoch"] == 25
     assert load_checkpoint(model, references_path)["epoch"] == 25  # the current layout passes kdzoo's generic loader
+    # ...and so does the legacy one: the detectors register their key upgrade with it (teacher.checkpoint's path)
+    fresh = create_model("fasterrcnn_resnet50_fpn", num_classes=91, **TINY)
+    load_checkpoint(fresh, legacy_path)
+    assert all(torch.equal(v, sd[k]) for k, v in fresh.state_dict().items())
 
     # same numbers as torchvision's model with those weights (its eval BatchNorm2d computes FrozenBatchNorm2d's affine)
     model.eval()
@@ -169,6 +173,33 @@ def test_torchvision_coco_layouts_load_strictly(coco_files) -> None:
     for key in theirs:
         scale = theirs[key].abs().max().item()  # randomised statistics make activations large
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_from_scratch_norm_and_slim_heads() -> None:
+    """``norm: bn`` = trainable BatchNorm2d in the body; ``fpn_channels`` / ``box_representation_size`` /
+    ``box_batch_size_per_image`` size the FPN, the box head and the ROI sampler as torchvision's own arguments do."""
+    torch.manual_seed(0)
+    model = create_model("fasterrcnn_mobilenet_v2_fpn", num_classes=3, norm="bn", trainable_backbone_layers=5,
+                         fpn_channels=32, box_representation_size=64, box_batch_size_per_image=16, **SMALL)
+    body_norms = [m for m in model.backbone.body.modules() if isinstance(m, nn.BatchNorm2d | FrozenBatchNorm2d)]
+    assert body_norms and all(type(m) is nn.BatchNorm2d for m in body_norms)
+    assert all(p.requires_grad for p in model.backbone.body.parameters())
+    assert model.backbone.out_channels == 32 and model.rpn.head.conv[0][0].in_channels == 32
+    assert model.roi_heads.box_head.fc6.in_features == 32 * 7 * 7 and model.roi_heads.box_head.fc7.out_features == 64
+    assert model.roi_heads.box_predictor.cls_score.weight.shape == (3, 64)
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 16
+    model.train()
+    losses = model(_images(), [{**t, "labels": t["labels"].clamp(max=2)} for t in _targets()])
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    levels = teacher_forward_with_taps(model.eval(), _images()).fpn
+    assert [v.shape[1] for v in levels.values()] == [32] * 5
+    default = create_model("fasterrcnn_resnet18_fpn", num_classes=91)
+    assert count_parameters(default) == PARAMS["fasterrcnn_resnet18_fpn"]  # the defaults stay torchvision's
+    with pytest.raises(UserInputError, match="norm must be one of"):
+        create_model("fasterrcnn_resnet18_fpn", norm="gn", **SMALL)
+    with pytest.raises(UserInputError, match="fpn_channels must be a positive integer"):
+        create_model("fasterrcnn_resnet18_fpn", fpn_channels=0, **SMALL)
 
 
 def test_detection_checkpoint_of_another_model_is_refused(coco_files) -> None:

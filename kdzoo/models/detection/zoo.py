@@ -9,8 +9,9 @@ The backbone is built as torchvision's ``fasterrcnn_resnet50_fpn`` builds it whe
 ``5 - trainable_backbone_layers`` stages frozen. Nothing is ever downloaded: the ImageNet weights come from
 ``backbone_checkpoint``, a torchvision classification file (``resnet50-0676ba61.pth``, ``mobilenet_v2-b0353104.pth``),
 loaded strictly into the body. torchvision itself switches to trainable ``BatchNorm2d`` when built without weights;
-kdzoo keeps FrozenBN in both cases because detection batches (2 images per GPU) are too small for batch statistics
-(Detectron2's ``RESNETS.NORM = "FrozenBN"`` default, which megvii-research/mdistiller ``detection/`` trains with).
+kdzoo keeps FrozenBN by default in both cases because detection batches (2 images per GPU) are too small for batch
+statistics (Detectron2's ``RESNETS.NORM = "FrozenBN"`` default, which megvii-research/mdistiller ``detection/`` trains
+with); ``norm="bn"`` gives the trainable BatchNorm of a from-scratch body (``kdzoo demo --task detection``).
 
 FPN levels (the ``OrderedDict`` the backbone returns):
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from torch import Tensor, nn
 from torchvision.models import mobilenet_v2
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead, RetinaNetRegressionHead
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
@@ -45,9 +48,9 @@ from kdzoo.errors import CheckpointError, UserInputError
 from kdzoo.models.checkpoint import (
     compare_state_dicts,
     imagenet_backbone_state,
+    load_checkpoint,
     mismatch_report,
-    read_checkpoint,
-    split_checkpoint,
+    register_state_dict_upgrade,
 )
 from kdzoo.models.foreign import safe_inplace, torchvision_resnet_pre_taps
 from kdzoo.models.registry import register_model
@@ -61,6 +64,7 @@ MOBILENET_V2_STAGE_CHANNELS = (24, 32, 96, 320)
 # ``["layer4", "layer3", "layer2", "layer1", "conv1"]``: m5, m4, m3, m2, then the stem and the first block.
 _MOBILENET_V2_STAGE_STARTS = (14, 7, 4, 2, 0)
 MinSize = int | tuple[int, ...] | list[int]
+ROI_POOL_SIZE = 7  # torchvision's FasterRCNN MultiScaleRoIAlign output_size (Detectron2 POOLER_RESOLUTION)
 
 
 def _check_trainable(trainable_backbone_layers: int) -> int:
@@ -70,6 +74,19 @@ def _check_trainable(trainable_backbone_layers: int) -> int:
             f"{trainable_backbone_layers!r}"
         )
     return trainable_backbone_layers
+
+
+NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
+
+
+def _norm_layer(norm: str) -> type[nn.Module]:
+    """The body's normalisation: ``frozen_bn`` (Detectron2's ``RESNETS.NORM`` default, the setting for a body that
+    starts from ImageNet weights) or ``bn``, trainable BatchNorm, which torchvision's builders use when a detector
+    has no pretrained weights (training from scratch needs normalisation: He, Girshick, Dollar, "Rethinking
+    ImageNet Pre-training", ICCV 2019)."""
+    if norm not in NORMS:
+        raise UserInputError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
+    return NORMS[norm]
 
 
 def _check_sizes(num_classes: int, min_size: MinSize, max_size: int) -> None:
@@ -87,16 +104,16 @@ def _check_sizes(num_classes: int, min_size: MinSize, max_size: int) -> None:
 # --------------------------------------------------------------------------------------------------- backbones
 
 
-def _resnet_fpn(depth: int, trainable_backbone_layers: int, one_stage: bool) -> BackboneWithFPN:
+def _resnet_fpn(depth: int, trainable_backbone_layers: int, one_stage: bool, norm: str) -> BackboneWithFPN:
     kwargs: dict[str, Any] = {}
     if one_stage:  # torchvision's retinanet_resnet50_fpn / fcos_resnet50_fpn: P3-P5 plus P6, P7 on P5
         kwargs = {"returned_layers": [2, 3, 4], "extra_blocks": LastLevelP6P7(256, 256)}
-    return resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None, norm_layer=FrozenBatchNorm2d,
+    return resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None, norm_layer=_norm_layer(norm),
                                trainable_layers=trainable_backbone_layers, **kwargs)
 
 
-def _mobilenet_v2_fpn(trainable_backbone_layers: int) -> BackboneWithFPN:
-    features = mobilenet_v2(weights=None, norm_layer=FrozenBatchNorm2d).features
+def _mobilenet_v2_fpn(trainable_backbone_layers: int, norm: str) -> BackboneWithFPN:
+    features = mobilenet_v2(weights=None, norm_layer=_norm_layer(norm)).features
     widths = [features[i].out_channels for i in MOBILENET_V2_STAGE_ENDS]
     assert tuple(widths) == MOBILENET_V2_STAGE_CHANNELS, widths  # torchvision changed its MobileNetV2 table
     frozen_until = len(features) if trainable_backbone_layers == 0 else \
@@ -196,24 +213,17 @@ def load_detection_checkpoint(model: nn.Module, path: str | Path, *, side: str =
     """Load a whole-detector file strictly (torchvision's COCO files such as
     ``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth``, torchvision's ``references/detection`` checkpoints
     ``{"model": ...}``, kdzoo's own files); returns the file's metadata like
-    :func:`kdzoo.models.checkpoint.load_checkpoint`. Keys are upgraded first (:func:`upgrade_detection_state_dict`);
-    any missing, unexpected or mis-shaped key raises :class:`CheckpointError` naming them (a different depth or class
-    count is never half-loaded)."""
-    model_sd = model.state_dict()
-    sd, meta = split_checkpoint(read_checkpoint(path), side, set(model_sd))
-    sd = upgrade_detection_state_dict(model, sd)
-    missing, unexpected, mismatched = compare_state_dicts(model_sd, sd)
-    if missing or unexpected or mismatched:
-        name = getattr(model, "kdzoo_name", type(model).__name__)
-        parts = [f"checkpoint {path} does not fit detector {name!r} (strict load).",
-                 *mismatch_report("", missing, unexpected, mismatched)]
-        if any(k.endswith("cls_score.weight") for k, _, _ in mismatched):
-            parts.append("The box predictor's class count differs: build the model with the file's num_classes "
-                         "(torchvision's COCO files: 91).")
-        raise CheckpointError(" ".join(p for p in parts if p))
-    model.load_state_dict(sd, strict=True)
-    meta["path"] = str(path)
-    return meta
+    :func:`kdzoo.models.checkpoint.load_checkpoint`, which it is, with the keys upgraded first
+    (:func:`upgrade_detection_state_dict`, registered for every torchvision detector, so ``teacher.checkpoint`` loads
+    the same files). Any missing, unexpected or mis-shaped key raises :class:`CheckpointError` naming them (a
+    different depth or class count is never half-loaded)."""
+    try:
+        return load_checkpoint(model, path, side=side)
+    except CheckpointError as exc:
+        if "cls_score.weight file" not in str(exc):
+            raise
+        raise CheckpointError(f"{exc} The box predictor's class count differs: build the model with the file's "
+                              "num_classes (torchvision's COCO files: 91).") from exc
 
 
 def _finish(model: nn.Module) -> nn.Module:
@@ -221,58 +231,97 @@ def _finish(model: nn.Module) -> nn.Module:
     return model
 
 
+@dataclass(frozen=True)
+class TwoStageHeads:
+    """The Faster R-CNN head sizes a constructor takes; the defaults are torchvision's and Detectron2's
+    (``MODEL.FPN.OUT_CHANNELS`` 256, ``MODEL.ROI_BOX_HEAD.FC_DIM`` 1024, ``MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE``
+    512). Smaller ones make a detector a CPU can train in minutes (``kdzoo demo --task detection``)."""
+
+    fpn_channels: int = 256
+    box_representation_size: int = 1024
+    box_batch_size_per_image: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("fpn_channels", "box_representation_size", "box_batch_size_per_image"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _faster_rcnn(backbone: BackboneWithFPN, num_classes: int, min_size: MinSize, max_size: int,
-                 backbone_checkpoint: str | None) -> FasterRCNN:
+                 backbone_checkpoint: str | None, heads: TwoStageHeads) -> FasterRCNN:
+    if heads.fpn_channels != backbone.out_channels:  # same levels and blocks, narrower (Detectron2 FPN.OUT_CHANNELS)
+        widths = [block[0].in_channels for block in backbone.fpn.inner_blocks]
+        backbone.fpn = FeaturePyramidNetwork(widths, heads.fpn_channels, extra_blocks=LastLevelMaxPool())
+        backbone.out_channels = heads.fpn_channels
     if backbone_checkpoint is not None:
         load_backbone_checkpoint(backbone, backbone_checkpoint)
-    return _finish(FasterRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size))
+    model = FasterRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,
+                       box_batch_size_per_image=heads.box_batch_size_per_image)
+    if heads.box_representation_size != TwoStageHeads.box_representation_size:
+        pooled = heads.fpn_channels * ROI_POOL_SIZE**2
+        model.roi_heads.box_head = TwoMLPHead(pooled, heads.box_representation_size)
+        model.roi_heads.box_predictor = FastRCNNPredictor(heads.box_representation_size, num_classes)
+    return _finish(model)
 
 
 def _resnet_faster_rcnn(depth: int, num_classes: int, min_size: MinSize, max_size: int, backbone_checkpoint: str | None,
-                        trainable_backbone_layers: int) -> FasterRCNN:
+                        trainable_backbone_layers: int, norm: str, heads: TwoStageHeads) -> FasterRCNN:
     _check_sizes(num_classes, min_size, max_size)
-    backbone = _resnet_fpn(depth, _check_trainable(trainable_backbone_layers), one_stage=False)
-    return _faster_rcnn(backbone, num_classes, min_size, max_size, backbone_checkpoint)
+    backbone = _resnet_fpn(depth, _check_trainable(trainable_backbone_layers), one_stage=False, norm=norm)
+    return _faster_rcnn(backbone, num_classes, min_size, max_size, backbone_checkpoint, heads)
 
 
 @register_model("fasterrcnn_resnet18_fpn", family="detection", input_size=800)
 def fasterrcnn_resnet18_fpn(num_classes: int = 91, min_size: MinSize = 800, max_size: int = 1333,
-                            backbone_checkpoint: str | None = None, trainable_backbone_layers: int = 3) -> FasterRCNN:
+                            backbone_checkpoint: str | None = None, trainable_backbone_layers: int = 3,
+                            norm: str = "frozen_bn", fpn_channels: int = 256,
+                            box_representation_size: int = 1024, box_batch_size_per_image: int = 512) -> FasterRCNN:
     """Faster R-CNN, ResNet-18 FPN (P2-P6), FrozenBN body: mdistiller's R-18 detection student."""
-    return _resnet_faster_rcnn(18, num_classes, min_size, max_size, backbone_checkpoint, trainable_backbone_layers)
+    return _resnet_faster_rcnn(18, num_classes, min_size, max_size, backbone_checkpoint, trainable_backbone_layers,
+                               norm, TwoStageHeads(fpn_channels, box_representation_size, box_batch_size_per_image))
 
 
 @register_model("fasterrcnn_resnet50_fpn", family="detection", input_size=800)
 def fasterrcnn_resnet50_fpn(num_classes: int = 91, min_size: MinSize = 800, max_size: int = 1333,
-                            backbone_checkpoint: str | None = None, trainable_backbone_layers: int = 3) -> FasterRCNN:
+                            backbone_checkpoint: str | None = None, trainable_backbone_layers: int = 3,
+                            norm: str = "frozen_bn", fpn_channels: int = 256,
+                            box_representation_size: int = 1024, box_batch_size_per_image: int = 512) -> FasterRCNN:
     """Faster R-CNN, ResNet-50 FPN: torchvision's ``fasterrcnn_resnet50_fpn`` (its COCO file loads strictly)."""
-    return _resnet_faster_rcnn(50, num_classes, min_size, max_size, backbone_checkpoint, trainable_backbone_layers)
+    return _resnet_faster_rcnn(50, num_classes, min_size, max_size, backbone_checkpoint, trainable_backbone_layers,
+                               norm, TwoStageHeads(fpn_channels, box_representation_size, box_batch_size_per_image))
 
 
 @register_model("fasterrcnn_resnet101_fpn", family="detection", input_size=800)
 def fasterrcnn_resnet101_fpn(num_classes: int = 91, min_size: MinSize = 800, max_size: int = 1333,
-                             backbone_checkpoint: str | None = None, trainable_backbone_layers: int = 3) -> FasterRCNN:
+                             backbone_checkpoint: str | None = None, trainable_backbone_layers: int = 3,
+                             norm: str = "frozen_bn", fpn_channels: int = 256,
+                             box_representation_size: int = 1024, box_batch_size_per_image: int = 512) -> FasterRCNN:
     """Faster R-CNN, ResNet-101 FPN: mdistiller's R-101 detection teacher."""
-    return _resnet_faster_rcnn(101, num_classes, min_size, max_size, backbone_checkpoint, trainable_backbone_layers)
+    return _resnet_faster_rcnn(101, num_classes, min_size, max_size, backbone_checkpoint, trainable_backbone_layers,
+                               norm, TwoStageHeads(fpn_channels, box_representation_size, box_batch_size_per_image))
 
 
 @register_model("fasterrcnn_mobilenet_v2_fpn", family="detection", input_size=800)
 def fasterrcnn_mobilenet_v2_fpn(num_classes: int = 91, min_size: MinSize = 800, max_size: int = 1333,
-                                backbone_checkpoint: str | None = None,
-                                trainable_backbone_layers: int = 3) -> FasterRCNN:
+                                backbone_checkpoint: str | None = None, trainable_backbone_layers: int = 3,
+                                norm: str = "frozen_bn", fpn_channels: int = 256,
+                                box_representation_size: int = 1024, box_batch_size_per_image: int = 512) -> FasterRCNN:
     """Faster R-CNN, MobileNetV2 FPN on m2..m5 (strides 4-32) plus P6: mdistiller's MV2 detection student (which
     trains every block, ``trainable_backbone_layers=5``)."""
     _check_sizes(num_classes, min_size, max_size)
-    backbone = _mobilenet_v2_fpn(_check_trainable(trainable_backbone_layers))
-    return _faster_rcnn(backbone, num_classes, min_size, max_size, backbone_checkpoint)
+    backbone = _mobilenet_v2_fpn(_check_trainable(trainable_backbone_layers), norm)
+    heads = TwoStageHeads(fpn_channels, box_representation_size, box_batch_size_per_image)
+    return _faster_rcnn(backbone, num_classes, min_size, max_size, backbone_checkpoint, heads)
 
 
 @register_model("retinanet_resnet50_fpn", family="detection", input_size=800)
 def retinanet_resnet50_fpn(num_classes: int = 91, min_size: MinSize = 800, max_size: int = 1333,
-                           backbone_checkpoint: str | None = None, trainable_backbone_layers: int = 3) -> RetinaNet:
+                           backbone_checkpoint: str | None = None, trainable_backbone_layers: int = 3,
+                           norm: str = "frozen_bn") -> RetinaNet:
     """RetinaNet, ResNet-50 FPN (P3-P7): torchvision's ``retinanet_resnet50_fpn`` (v1)."""
     _check_sizes(num_classes, min_size, max_size)
-    backbone = _resnet_fpn(50, _check_trainable(trainable_backbone_layers), one_stage=True)
+    backbone = _resnet_fpn(50, _check_trainable(trainable_backbone_layers), one_stage=True, norm=norm)
     if backbone_checkpoint is not None:
         load_backbone_checkpoint(backbone, backbone_checkpoint)
     return _finish(RetinaNet(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size))
@@ -280,13 +329,18 @@ def retinanet_resnet50_fpn(num_classes: int = 91, min_size: MinSize = 800, max_s
 
 @register_model("fcos_resnet50_fpn", family="detection", input_size=800)
 def fcos_resnet50_fpn(num_classes: int = 91, min_size: MinSize = 800, max_size: int = 1333,
-                      backbone_checkpoint: str | None = None, trainable_backbone_layers: int = 3) -> FCOS:
+                      backbone_checkpoint: str | None = None, trainable_backbone_layers: int = 3,
+                      norm: str = "frozen_bn") -> FCOS:
     """FCOS, ResNet-50 FPN (P3-P7): torchvision's ``fcos_resnet50_fpn``."""
     _check_sizes(num_classes, min_size, max_size)
-    backbone = _resnet_fpn(50, _check_trainable(trainable_backbone_layers), one_stage=True)
+    backbone = _resnet_fpn(50, _check_trainable(trainable_backbone_layers), one_stage=True, norm=norm)
     if backbone_checkpoint is not None:
         load_backbone_checkpoint(backbone, backbone_checkpoint)
     return _finish(FCOS(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size))
+
+
+for _detector_type in (FasterRCNN, RetinaNet, FCOS):
+    register_state_dict_upgrade(_detector_type, upgrade_detection_state_dict)
 
 
 # --------------------------------------------------------------------------------------------------- taps
