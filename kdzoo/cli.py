@@ -39,7 +39,8 @@ from kdzoo.plot import plot_runs, read_metrics
 from kdzoo.report import REPORT_FORMATS, collect, render
 from kdzoo.report_figure import plot_report
 from kdzoo.sweep import run_sweep
-from kdzoo.teachers import eval_hint, fetch, format_listing
+from kdzoo.teachers import PREFIX as TEACHERS_PREFIX
+from kdzoo.teachers import eval_hint, fetch, format_listing, resolve_checkpoint, teacher_entry
 from kdzoo.types import CLASSIFICATION, DETECTION, SEGMENTATION, TASKS
 
 EXIT_USER_ERROR = 2
@@ -78,13 +79,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    # `teachers:NAME`: a published teacher, fetched and verified; its architecture and published top-1 are known.
+    published = teacher_entry(args.checkpoint[len(TEACHERS_PREFIX):]) \
+        if args.checkpoint.startswith(TEACHERS_PREFIX) else None
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    architecture = args.model or (published.architecture if published else None)
     # The config only describes the data and the runtime here; its student is the evaluated architecture.
-    name = args.model or recorded_model_name(args.checkpoint) or "resnet8"
+    name = architecture or recorded_model_name(checkpoint) or "resnet8"
     raw = deep_merge({"student": {"name": name}}, parse_overrides(args.overrides))
     cfg = config_from_dict(raw)
     device = resolve_device(cfg.runtime.device)
     data = build_data(cfg.data, seed=cfg.experiment.seed, device=device)
-    model = load_model_for_eval(args.model, args.checkpoint, data.num_classes, data.input_shape)
+    model = load_model_for_eval(architecture, checkpoint, data.num_classes, data.input_shape)
     model.to(device)
     task = task_spec(cfg)
     metrics = EVALUATORS[task.name](model, data.test, EvalContext(task, data.num_classes))
@@ -93,6 +99,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{args.model or args.checkpoint} on {cfg.data.dataset} (evaluation split): "
           + "  ".join(f"{k} {metrics[k]:.4f}" if k == "loss" else f"{METRIC_NAMES.get(k, k)} {metrics[k]:.2f}"
                       for k in shown))
+    if published is not None:
+        source = published.top1_source
+        print(f"published top-1 {published.top1:.2f} ({source}): this test set gives "
+              f"{metrics[primary] - published.top1:+.2f}" if published.top1 is not None else
+              f"no published top-1 for {published.name} ({source})")
     if args.json:
         Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "dataset": cfg.data.dataset,
                                                "metrics": metrics}, indent=1) + "\n")

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from kdzoo.config.loader import read_yaml_mapping
 from kdzoo.engine.metrics import PRIMARY_METRIC
 from kdzoo.errors import UserInputError
 from kdzoo.methods.registry import list_methods
@@ -74,13 +74,7 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise UserInputError(f"{run_dir} is not a kdzoo run directory: no config.yaml in it")
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserInputError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(config, dict):
-        raise UserInputError(f"{path} is not a kdzoo config (not a mapping)")
-    return config
+    return read_yaml_mapping(path, "run config")
 
 
 def read_run(run_dir: str | Path, devices: int = 1) -> RunResult:

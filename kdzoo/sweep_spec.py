@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from kdzoo.config.loader import config_from_dict, deep_merge, read_recipe
+from kdzoo.config.loader import config_from_dict, deep_merge, read_recipe, read_yaml_mapping
 from kdzoo.errors import UserInputError
 from kdzoo.validation import merge_into_schema
 
@@ -69,12 +67,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"sweep spec {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserInputError(f"sweep spec {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserInputError(f"sweep spec {path} must be a mapping at top level")
+    data = read_yaml_mapping(path, "sweep spec")
     if isinstance(data.get("base"), str):
         data["base"] = [data["base"]]
     try:

@@ -434,5 +434,5 @@ def format_listing(directory: str | Path | None = None) -> str:
 def eval_hint(teacher: Teacher, path: Path) -> str:
     published = (f"published top-1 {teacher.top1:.2f} ({teacher.top1_source})" if teacher.top1 is not None
                  else f"no published top-1 ({teacher.top1_source})")
-    return (f"{teacher.name}: {path}, {published}. Its accuracy on your test set: kdzoo eval --model "
-            f"{teacher.architecture} --checkpoint {path} data.dataset=cifar100 data.root=DATA_ROOT")
+    return (f"{teacher.name}: {path}, {published}. Its accuracy on your test set, next to the published one: "
+            f"kdzoo eval --checkpoint {PREFIX}{teacher.name} data.dataset=cifar100 data.root=DATA_ROOT")

@@ -167,7 +167,7 @@ def test_fetch_downloads_records_the_hash_and_then_only_verifies(monkeypatch, tm
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["files"][entry.path] == {"sha256": sha(blob), "size": len(blob), "url": entry.download.url}
     out = capsys.readouterr().out
-    assert f"kdzoo eval --model resnet8 --checkpoint {target}" in out
+    assert "kdzoo eval --checkpoint teachers:tiny data.dataset=cifar100" in out
     assert "published top-1 12.50 (test table)" in out
     assert served.requests == [("/tiny/ckpt_epoch_240.pth", None)]
     assert main(["teachers", "fetch", "all", "--dir", str(tmp_path)]) == 0
@@ -380,3 +380,20 @@ def test_teachers_name_in_a_config_loads_the_fetched_file(monkeypatch, tmp_path,
     loaded = teacher.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
     assert not (tmp_path / "runs").exists()
+
+
+def test_eval_of_a_published_teacher_prints_the_published_top1_next_to_the_measured(monkeypatch, tmp_path, server,
+                                                                                     capsys):
+    base, served = server
+    blob, _ = checkpoint_bytes(seed=3)
+    single_file_teacher(monkeypatch, base, served, blob)
+    monkeypatch.setenv(teachers.ENV_DIR, str(tmp_path / "zoo"))
+    teachers.fetch(["tiny"])
+    capsys.readouterr()
+    scores = tmp_path / "scores.json"
+    assert main(["eval", "--checkpoint", "teachers:tiny", "--json", str(scores), "data.dataset=mnist5k",
+                 "data.test_subset=32", "runtime.device=cpu"]) == 0
+    out = capsys.readouterr().out
+    top1 = json.loads(scores.read_text())["metrics"]["top1"]
+    assert f"top-1 {top1:.2f}" in out  # the registry's architecture (resnet8) was built without --model
+    assert f"published top-1 12.50 (test table): this test set gives {top1 - 12.5:+.2f}" in out

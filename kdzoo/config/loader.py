@@ -26,18 +26,24 @@ from kdzoo.types import CLASSIFICATION, DETECTION, SEGMENTATION
 from kdzoo.validation import merge_into_schema
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The YAML mapping in ``path`` (``what`` names the file in errors: config, sweep spec, run config); invalid
+    YAML or another top-level type is a :class:`UserInputError`. ``yaml.safe_load``: no object construction."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"{what} {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{what} {path} must be a mapping at top level, got {type(data).__name__}")
+    return data
+
 def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if path in chain:
         raise UserInputError(f"config {path} inherits from itself through _base_: {' -> '.join(map(str, chain))}")
     if not path.is_file():
         where = f" (named by _base_ in {chain[-1]})" if chain else ""
         raise UserInputError(f"config file {path} does not exist{where}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserInputError(f"config {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserInputError(f"config {path} must be a mapping at top level, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "config")
     bases = data.pop("_base_", [])
     merged: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else bases:

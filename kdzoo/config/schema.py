@@ -62,6 +62,10 @@ class TeacherConfig:
     # Keyword arguments of the model's constructor (e.g. {min_size: 512, max_size: 853} for a detector,
     # {output_stride: 8} for DeepLabV3+); checked against its signature before anything is built.
     model_args: dict[str, Any] = field(default_factory=dict)
+    # The per-channel normalisation the teacher was trained with, where it differs from the data's (data.mean /
+    # data.std): each batch is renormalised for the teacher before it runs (docs/config.md, Teacher input).
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
 
 @dataclass

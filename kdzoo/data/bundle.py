@@ -26,3 +26,7 @@ class DataBundle:
     # True when each DDP process holds only its share of the evaluation split (the evaluator then all-reduces
     # its counts); False when every process evaluates the whole split.
     test_sharded: bool = False
+    # The per-channel mean / std the loaders normalise images with (None where this is not recorded: the
+    # segmentation and detection pipelines); a teacher trained with others gets renormalised input (teacher.mean).
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None

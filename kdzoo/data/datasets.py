@@ -155,7 +155,8 @@ def build_data(
         test_images, test_targets, batch_size=cfg.test_batch_size, augment=None, shuffle=False, **common
     )
     info = DatasetInfo(num_samples=len(train_targets), num_classes=source.num_classes, targets=train_targets.cpu())
-    return DataBundle(train, test, info, tuple(train_images.shape[1:]), source.num_classes)  # type: ignore[arg-type]
+    return DataBundle(train, test, info, tuple(train_images.shape[1:]), source.num_classes,  # type: ignore[arg-type]
+                      mean=common["mean"], std=common["std"])
 
 
 def spread_subset(samples: list, count: int) -> list:
@@ -186,8 +187,8 @@ def build_folder_data(
         root = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() else root
         train_samples, classes = folder.scan_class_folders(root / "train")
         test_samples = folder.scan_tiny_imagenet_val(root, classes)
-        train_tf, test_tf = folder.tiny_imagenet_transforms(*_normalisation(cfg, folder.TINY_IMAGENET_MEAN,
-                                                                              folder.TINY_IMAGENET_STD))
+        mean, std = _normalisation(cfg, folder.TINY_IMAGENET_MEAN, folder.TINY_IMAGENET_STD)
+        train_tf, test_tf = folder.tiny_imagenet_transforms(mean, std)
         size = 64
     else:
         train_samples, classes = folder.scan_class_folders(root / "train")
@@ -195,8 +196,8 @@ def build_folder_data(
         if test_classes != classes:
             raise UserInputError(f"{root}/val has other classes than {root}/train")
         size = cfg.image_size or 224
-        train_tf, test_tf = folder.imagenet_transforms(size, *_normalisation(cfg, folder.IMAGENET_MEAN,
-                                                                             folder.IMAGENET_STD))
+        mean, std = _normalisation(cfg, folder.IMAGENET_MEAN, folder.IMAGENET_STD)
+        train_tf, test_tf = folder.imagenet_transforms(size, mean, std)
     if not cfg.augment:
         train_tf = test_tf
     if cfg.subset is not None:
@@ -209,4 +210,4 @@ def build_folder_data(
     test = folder.FolderLoader(test_samples, test_tf, batch_size=cfg.test_batch_size, shuffle=False, **common)
     targets = torch.tensor([label for _, label in train_samples])
     info = DatasetInfo(num_samples=len(train_samples), num_classes=len(classes), targets=targets)
-    return DataBundle(train, test, info, (3, size, size), len(classes))
+    return DataBundle(train, test, info, (3, size, size), len(classes), mean=mean, std=std)

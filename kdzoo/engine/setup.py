@@ -28,6 +28,7 @@ from kdzoo.methods.base import Distiller
 from kdzoo.methods.registry import method_class
 from kdzoo.models.checkpoint import load_checkpoint
 from kdzoo.models.registry import create_model, model_entry
+from kdzoo.models.renormalise import renormalise_input
 from kdzoo.teachers import resolve_checkpoint
 from kdzoo.types import TaskSpec
 
@@ -157,6 +158,7 @@ def prepare_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torc
         teacher = build_model(cfg.teacher.name, data.num_classes, data.input_shape, cfg.teacher.taps, "teacher",
                               model_args=dict(cfg.teacher.model_args))
         load_weights(teacher, cfg.teacher.checkpoint, "teacher")
+        renormalise_teacher_input(teacher, cfg, data)
     student.to(device)
     if teacher is not None:
         teacher.to(device)
@@ -170,7 +172,25 @@ def prepare_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torc
     return RunParts(cfg, device, data, distiller, rank, world_size, cache)
 
 
+def renormalise_teacher_input(teacher: nn.Module, cfg: Config, data: DataBundle) -> None:
+    """``teacher.mean`` / ``teacher.std``: the teacher sees every batch in the normalisation it was trained with."""
+    mean, std = cfg.teacher.mean, cfg.teacher.std
+    if mean is None and std is None:
+        return
+    if mean is None or std is None:
+        raise UserInputError("teacher.mean and teacher.std go together: set both to the normalisation the teacher "
+                             "was trained with")
+    if data.mean is None or data.std is None:
+        raise UserInputError(f"teacher.mean / teacher.std: the {cfg.data.dataset} pipeline does not record its "
+                             "normalisation, so the teacher's input cannot be renormalised (classification datasets "
+                             "can)")
+    renormalise_input(teacher, data.mean, data.std, list(mean), list(std))
+
+
 def cache_key_for(cfg: Config, data: DataBundle) -> Any:
+    if cfg.teacher.mean is not None or cfg.teacher.std is not None:
+        raise UserInputError("teacher.cache does not record teacher.mean / teacher.std: run the live teacher "
+                             "(unset teacher.cache) when its input is renormalised")
     if not isinstance(data.train, TensorBatchLoader) or not cfg.teacher.name or not cfg.teacher.checkpoint:
         raise UserInputError("the teacher cache needs an in-memory dataset (CIFAR, mnist5k) and a teacher checkpoint")
     return cache_key(data.train, cfg.teacher.name, resolve_checkpoint(cfg.teacher.checkpoint), cfg.data.dataset,
