@@ -50,6 +50,9 @@ class Batch:
     ``contrast_index``: [B, K+1] CRD negatives chosen by the caller (column 0 = the positive); when
     absent CRD draws them itself (mdistiller passes them as ``contrastive_index``, RepDistiller's loop
     as ``contrast_idx``; :meth:`kdzoo.methods.base.Distiller.forward_train` accepts all three names).
+    ``strong_image``: a second, strongly augmented view of the same samples (its own crop/flip, then RandAugment
+    and Cutout: ``kdzoo/data/strong_augment.py``), delivered when the method declares ``needs_strong_view``
+    (MLKD, docs/methods/mlkd.md).
     """
 
     image: Tensor
@@ -58,6 +61,7 @@ class Batch:
     crop: Tensor | None = None
     teacher_logits: Tensor | None = None
     contrast_index: Tensor | None = None
+    strong_image: Tensor | None = None
 
 
 @dataclass

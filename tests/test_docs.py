@@ -15,7 +15,7 @@ from tests.conftest import REPO_ROOT
 
 METHOD_PAGES = REPO_ROOT / "docs" / "methods"
 # Methods that share a page with a sibling (one file documents both).
-SHARED_PAGES = {"kd_ls": "logit_std", "dkd_ls": "logit_std"}
+SHARED_PAGES = {"kd_ls": "logit_std", "dkd_ls": "logit_std", "mlkd_ls": "mlkd"}
 # Pages for things that are not registered methods: DOT is an optimiser (optim.name=dot).
 EXTRA_PAGES = {"dot.md"}
 

@@ -249,7 +249,8 @@ def test_recipe_runs_one_step(recipe, cifar_source, data_root):
     teacher = create_model(cfg.teacher.name, num_classes=100) if method.requires_teacher else None
     distiller = method(student, teacher, dict(cfg.method), batch_size=batch_size)  # as the trainer passes it
     cfg.data.batch_size = batch_size
-    data = build_data(cfg.data, seed=0, device=torch.device("cpu"), source=cifar_source)
+    data = build_data(cfg.data, seed=0, device=torch.device("cpu"), source=cifar_source,
+                      strong_view=method.needs_strong_view)  # as prepare_run asks for it
     distiller.bind_dataset(data.info)
     distiller.train()
     batch = next(data.train.iterate(epoch=1))

@@ -17,6 +17,7 @@ from kdzoo.data.bundle import DataBundle, TrainLoader  # noqa: F401  (re-exporte
 from kdzoo.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, load_cifar_split
 from kdzoo.data.detection import DETECTION_DATASETS, build_detection_data
 from kdzoo.data.segmentation import SEGMENTATION_DATASETS, build_segmentation_data
+from kdzoo.data.strong_augment import RandAugmentCutout
 from kdzoo.data.tensor_loader import CropFlip, TensorBatchLoader
 from kdzoo.errors import UserInputError
 from kdzoo.types import CLASSIFICATION, DETECTION, SEGMENTATION, DatasetInfo
@@ -126,8 +127,13 @@ def load_source(cfg: Any) -> TensorSource:
 
 def build_data(
     cfg: Any, *, seed: int, device: torch.device, rank: int = 0, world_size: int = 1, drop_last: bool = False,
-    source: TensorSource | None = None,
+    source: TensorSource | None = None, strong_view: bool = False,
 ) -> DataBundle:
+    """``strong_view``: the training batches also carry ``Batch.strong_image`` (a method's ``needs_strong_view``);
+    only the in-memory datasets deliver it."""
+    if strong_view and source is None and cfg.dataset not in DATASETS:
+        raise UserInputError(f"the method trains on a strongly augmented second view, which only the in-memory "
+                             f"datasets ({', '.join(sorted(DATASETS))}) deliver, not {cfg.dataset}")
     if source is None and cfg.dataset in DETECTION_DATASETS:
         return build_detection_data(cfg, seed=seed, device=device, rank=rank, world_size=world_size,
                                     drop_last=drop_last)
@@ -146,6 +152,7 @@ def build_data(
                              f"have {train_images.shape[1]} channels")
     train = TensorBatchLoader(
         train_images, train_targets, batch_size=cfg.batch_size, augment=source.augment, shuffle=True,
+        strong=RandAugmentCutout() if strong_view else None,
         drop_last=drop_last or cfg.drop_last, seed=seed, rank=rank, world_size=world_size, **common,
     )
     test_images, test_targets = source.test_images, source.test_targets

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdzoo.data.strong_augment import RandAugmentCutout
 from kdzoo.types import Batch
 
 
@@ -37,6 +38,8 @@ class EpochPlan:
     crop_x: Tensor | None
     crop_y: Tensor | None
     flip: Tensor | None
+    # The strong view's own crop_x / crop_y / flip and RandAugment draws (RandAugmentCutout.draw), when requested.
+    strong: dict[str, Tensor] | None = None
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -57,6 +60,7 @@ class TensorBatchLoader:
         std: Sequence[float],
         device: torch.device | str = "cpu",
         augment: CropFlip | None = None,
+        strong: RandAugmentCutout | None = None,
         shuffle: bool = True,
         drop_last: bool = False,
         seed: int = 0,
@@ -73,6 +77,9 @@ class TensorBatchLoader:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, channels, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, channels, 1, 1)
         self.augment = augment
+        # A second, strongly augmented view of every sample (Batch.strong_image): its own crop/flip (when
+        # ``augment`` is set), then ``strong``; drawn after the first view's plan, which it leaves unchanged.
+        self.strong = strong
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.seed = seed
@@ -99,16 +106,29 @@ class TensorBatchLoader:
         if self.augment is not None:
             crop_x = torch.randint(0, self.augment.num_offsets, (n,), generator=gen)
             crop_y = torch.randint(0, self.augment.num_offsets, (n,), generator=gen)
-            flip = torch.rand(n, generator=gen) < 0.5 if self.augment.flip else torch.zeros(n, dtype=torch.bool)
+            flip = self._draw_flips(n, gen)
+        strong = None
+        if self.strong is not None:
+            strong = {}
+            if self.augment is not None:
+                strong["crop_x"] = torch.randint(0, self.augment.num_offsets, (n,), generator=gen)
+                strong["crop_y"] = torch.randint(0, self.augment.num_offsets, (n,), generator=gen)
+                strong["flip"] = self._draw_flips(n, gen)
+            strong.update(self.strong.draw(n, gen))
         per_rank = self._per_rank()
-        if per_rank * self.world_size != n:
-            pad = per_rank * self.world_size - n
-            order = torch.cat([order, order[:pad]])
-            if crop_x is not None:
-                crop_x, crop_y, flip = (torch.cat([t, t[:pad]]) for t in (crop_x, crop_y, flip))  # type: ignore[misc]
+        pad = per_rank * self.world_size - n
         take = slice(self.rank, None, self.world_size)
-        pick = (lambda t: None if t is None else t[take].to(self.device))  # noqa: E731
-        return EpochPlan(pick(order), pick(crop_x), pick(crop_y), pick(flip))
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            # Every rank sees the same number of samples: the first `pad` entries repeat (DistributedSampler).
+            return None if t is None else torch.cat([t, t[:pad]])[take].to(self.device)
+
+        picked_strong = None if strong is None else {k: pick(v) for k, v in strong.items()}
+        return EpochPlan(pick(order), pick(crop_x), pick(crop_y), pick(flip), picked_strong)  # type: ignore[arg-type]
+
+    def _draw_flips(self, n: int, gen: torch.Generator) -> Tensor:
+        assert self.augment is not None
+        return torch.rand(n, generator=gen) < 0.5 if self.augment.flip else torch.zeros(n, dtype=torch.bool)
 
     def normalize(self, images_u8: Tensor) -> Tensor:
         # Same op order as ToTensor + Normalize, so values equal torchvision's pipeline bit for bit.
@@ -139,7 +159,18 @@ class TensorBatchLoader:
                 cx, cy, fl = plan.crop_x[sl], plan.crop_y[sl], plan.flip[sl]  # type: ignore[index]
                 images = self.crop_flip(images, cx, cy, fl)
                 crop = torch.stack([cx, cy, fl.long()], dim=1)
-            yield Batch(self.normalize(images), self.targets[index], index, crop=crop)
+            strong_image = None
+            if plan.strong is not None:
+                draws = {k: v[sl] for k, v in plan.strong.items()}
+                strong_image = self.normalize(self.strong_view(self.images[index], draws))
+            yield Batch(self.normalize(images), self.targets[index], index, crop=crop, strong_image=strong_image)
+
+    def strong_view(self, images_u8: Tensor, draws: dict[str, Tensor]) -> Tensor:
+        """The strong view of uint8 images from its plan entries: crop/flip (when augmenting), then RandAugment."""
+        assert self.strong is not None
+        if self.augment is not None:
+            images_u8 = self.crop_flip(images_u8, draws["crop_x"], draws["crop_y"], draws["flip"])
+        return self.strong.apply(images_u8, draws)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.iterate(epoch=1)

@@ -144,7 +144,7 @@ def prepare_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torc
     method_cls = method_class(str(cfg.method["name"]))
     data = build_data(
         cfg.data, seed=cfg.experiment.seed, device=device, rank=rank, world_size=world_size,
-        drop_last=method_cls.needs_fixed_batch_size,
+        drop_last=method_cls.needs_fixed_batch_size, strong_view=method_cls.needs_strong_view,
     )
     # Models are built after seeding, so a seed fixes the student's initial weights too.
     student = build_model(cfg.student.name, data.num_classes, data.input_shape, cfg.student.taps, "student",

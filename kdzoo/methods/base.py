@@ -73,6 +73,9 @@ class Distiller(nn.Module):
     teacher_train_mode: ClassVar[bool] = False
     # SemCKD needs every batch to have the same size (its modules are sized by the batch: ``batch_size``).
     needs_fixed_batch_size: ClassVar[bool] = False
+    # MLKD also trains on a strongly augmented view of each batch (``Batch.strong_image``, RandAugment + Cutout):
+    # the data pipeline then delivers one (kdzoo/data/strong_augment.py).
+    needs_strong_view: ClassVar[bool] = False
     # SimKD never uses the student's own head: DDP must be told some parameters get no gradient.
     leaves_parameters_unused: ClassVar[bool] = False
     # Buffers the method itself keeps identical on every process (CRD's memory banks, updated from an
