@@ -28,11 +28,9 @@ from torch import Tensor, nn
 from kdzoo import __version__
 from kdzoo.config.loader import FAMILY_TASKS, load_config
 from kdzoo.config.schema import Config
-from kdzoo.data import folder
-from kdzoo.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
-from kdzoo.data.datasets import DATASETS, MNIST5K_MEAN, MNIST5K_STD
+from kdzoo.data.datasets import DATASET_NORMALISATION, DATASETS
 from kdzoo.data.detection import DETECTION_DATASETS
-from kdzoo.data.segmentation import IMAGENET_MEAN, IMAGENET_STD, SEGMENTATION_DATASETS
+from kdzoo.data.segmentation import SEGMENTATION_DATASETS
 from kdzoo.engine.checkpoint_io import atomic_write_bytes, load_verified
 from kdzoo.engine.setup import build_composite, build_model, load_model_for_eval
 from kdzoo.errors import UserInputError
@@ -56,17 +54,6 @@ IN_MEMORY_SIZE = 32  # CIFAR-10/100 are 32x32; mnist5k pads its 28x28 digits to 
 TINY_IMAGENET_SIZE = 64
 IMAGENET_SIZE = 224  # kdzoo/data/folder.py imagenet_transforms: the evaluation centre crop
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-
-# The normalisation each dataset applies when the config leaves data.mean/data.std unset (kdzoo/data/).
-_DATASET_NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
-    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
-    "mnist5k": (MNIST5K_MEAN * 3, MNIST5K_STD * 3),
-    "tiny_imagenet": (folder.TINY_IMAGENET_MEAN, folder.TINY_IMAGENET_STD),
-    "imagenet": (folder.IMAGENET_MEAN, folder.IMAGENET_STD),
-    "imagefolder": (folder.IMAGENET_MEAN, folder.IMAGENET_STD),
-    **{name: (IMAGENET_MEAN, IMAGENET_STD) for name in SEGMENTATION_DATASETS},
-}
 
 
 @dataclass(frozen=True)
@@ -117,7 +104,7 @@ def dataset_normalisation(cfg: Config) -> tuple[list[float], list[float]] | None
     or a dataset kdzoo does not know."""
     if cfg.data.mean is not None and cfg.data.std is not None:
         return list(cfg.data.mean), list(cfg.data.std)
-    known = _DATASET_NORMALISATION.get(cfg.data.dataset)
+    known = DATASET_NORMALISATION.get(cfg.data.dataset)
     return None if known is None else (list(known[0]), list(known[1]))
 
 

@@ -62,11 +62,17 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, labels: Sequen
     ylabel, title = METRIC_LABELS.get(metric, (metric, metric))
     acc_axis.set(xlabel="epoch", ylabel=ylabel, title=title)
     loss_axis.set(xlabel="epoch", ylabel="sum of training loss terms", title="training loss", yscale="log")
-    for axis in (acc_axis, loss_axis):
+    output = save_figure(figure, (acc_axis, loss_axis), output)
+    plt.close(figure)
+    return output
+
+
+def save_figure(figure: Any, axes: Sequence[Any], output: str | Path) -> Path:
+    """Grid and legend on every axis, then the figure to ``output`` (its folder created), at 120 dpi."""
+    for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=120)
-    plt.close(figure)
     return output

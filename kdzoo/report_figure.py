@@ -12,7 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from kdzoo.plot import METRIC_LABELS
+from kdzoo.plot import METRIC_LABELS, save_figure
 from kdzoo.report import Collected, Row, build_tables, pair_label
 
 
@@ -74,10 +74,4 @@ def plot_report(collected: Collected, output: str | Path) -> Path:
             curve_axis.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
         curve_axis.set(xlabel="epoch", ylabel=ylabel, title=f"{table.dataset}: {title} per epoch")
         curve_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        for axis in (bar_axis, curve_axis):
-            axis.grid(alpha=0.3)
-            axis.legend()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=120)
-    return output
+    return save_figure(figure, figure.axes, output)

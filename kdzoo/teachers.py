@@ -9,7 +9,6 @@ directory and every later use is checked against it (docs/teachers.md).
 from __future__ import annotations
 
 import difflib
-import hashlib
 import http.client
 import json
 import os
@@ -26,6 +25,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from kdzoo.digest import file_sha256
 from kdzoo.errors import UserInputError
 
 PREFIX = "teachers:"  # `teacher.checkpoint: teachers:resnet32x4` in a recipe
@@ -127,14 +127,6 @@ def select(names: Iterable[str]) -> list[Teacher]:
 
 
 # --------------------------------------------------------------------------------------------------- manifest
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

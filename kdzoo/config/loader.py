@@ -37,6 +37,7 @@ def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
         raise UserInputError(f"{what} {path} must be a mapping at top level, got {type(data).__name__}")
     return data
 
+
 def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if path in chain:
         raise UserInputError(f"config {path} inherits from itself through _base_: {' -> '.join(map(str, chain))}")

@@ -56,7 +56,7 @@ class TeacherConfig:
     checkpoint: str | None = None
     # Directory of a teacher-output cache (`kdzoo cache build`); logits-only methods then skip the teacher.
     cache: str | None = None
-    # Module paths of the tap groups, for a model whose taps kdzoo cannot derive (docs/models.md#taps here):
+    # Module paths of the tap groups, for a model whose taps kdzoo cannot derive (docs/models.md, "Taps"):
     # {stem: act1, stages: [layer1, ...], stages_pre: [...], pooled: 'in:fc', prepool: ..., classifier: fc}.
     taps: dict[str, Any] | None = None
     # Keyword arguments of the model's constructor (e.g. {min_size: 512, max_size: 853} for a detector,

