@@ -11,13 +11,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from kdzoo.bench import BENCH_SETTINGS, format_table, run_bench, time_epoch
 from kdzoo.config.loader import config_from_dict, deep_merge, load_config, parse_overrides
+from kdzoo.data.crop_cache import CropCache, CropCacheKey, bytes_per_sample
 from kdzoo.data.datasets import build_data
 from kdzoo.demo import run_demo, run_detection_demo, run_segmentation_demo
+from kdzoo.engine.crop_cache_build import build_crop_cache, parse_epochs, verify_crop_cache
 from kdzoo.engine.metrics import EVALUATORS, PRIMARY_METRIC, EvalContext
 from kdzoo.engine.run import run_training
 from kdzoo.engine.runtime import resolve_device
@@ -27,6 +30,7 @@ from kdzoo.engine.setup import (
     load_model_for_eval,
     load_weights,
     recorded_model_name,
+    run_epochs,
     task_spec,
 )
 from kdzoo.engine.stop import TrainingStopped
@@ -176,6 +180,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     load_weights(teacher, str(cfg.teacher.checkpoint), "teacher")
     teacher.to(device).eval()
     key = cache_key_for(cfg, data)
+    if isinstance(key, CropCacheKey):
+        return crop_cache_command(args, cfg, data, teacher, key)
     if args.action == "build":
         build_cache(teacher, data.train, key, Path(cfg.teacher.cache), progress=cfg.runtime.progress)
         print(f"teacher cache written to {cfg.teacher.cache}")
@@ -185,6 +191,28 @@ def cmd_cache(args: argparse.Namespace) -> int:
           "fp16 rounding steps")
     if worst > 1.0:
         print("kdzoo: error: the cache disagrees with the live teacher beyond fp16 rounding", file=sys.stderr)
+        return 1
+    return 0
+
+
+def crop_cache_command(args: argparse.Namespace, cfg: Any, data: Any, teacher: torch.nn.Module,
+                       key: CropCacheKey) -> int:
+    """``kdzoo cache build|verify`` for a class-folder dataset: per-epoch shards of crops and top-k logits."""
+    directory = Path(cfg.teacher.cache)
+    epochs = parse_epochs(args.epochs, run_epochs(cfg, data))
+    if args.action == "build":
+        shards = build_crop_cache(teacher, data.train, key, directory, epochs, build_seed=cfg.experiment.seed,
+                                  progress=cfg.runtime.progress)
+        per_epoch = bytes_per_sample(key.topk, key.num_classes) * key.num_samples
+        print(f"crop cache: {len(shards)} epoch shard(s) written to {directory} "
+              f"({per_epoch / 1e6:.2f} MB per epoch, {key.num_samples} images, top-{key.topk})")
+    cache = CropCache(directory, key, epochs=max(epochs))
+    check = verify_crop_cache(cache, teacher, data.train, epoch=epochs[0], samples=args.samples)
+    print(f"verified {check.samples} replayed crops of epoch {epochs[0]} against the live teacher: top-{key.topk} "
+          f"logits within {check.top_fp16_steps:.2f} fp16 steps, softmax L1 {check.prob_l1_max:.2e} "
+          f"(bound: 2 x tail mass {check.tail_mass_max:.2e} + rounding)")
+    if check.top_fp16_steps > 1.0 or check.prob_l1_max > 2 * check.tail_mass_max + 1e-2:
+        print("kdzoo: error: the cache disagrees with the live teacher beyond its bound", file=sys.stderr)
         return 1
     return 0
 
@@ -287,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("config")
     cache.add_argument("overrides", nargs="*", help="e.g. teacher.cache=caches/r32x4 data.root=../shared/data")
     cache.add_argument("--samples", type=int, default=256, help="random views recomputed by verify")
+    cache.add_argument("--epochs", default=None,
+                       help="class-folder datasets: the epochs to build, FIRST-LAST (default: 1 to the run's epochs); "
+                            "disjoint ranges can be built on different machines into one directory")
     cache.set_defaults(func=cmd_cache)
 
     export = sub.add_parser("export", help="a trained student as ONNX, TorchScript or safetensors, checked "

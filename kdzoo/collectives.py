@@ -35,3 +35,13 @@ def average(tensor: Tensor) -> Tensor:
     total = tensor.clone()
     dist.all_reduce(total)  # SUM: every backend has it (gloo has no AVG)
     return total / world_size()
+
+
+@torch.no_grad()
+def total(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over processes (a new tensor)."""
+    if world_size() == 1:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out)
+    return out

@@ -271,3 +271,109 @@ def test_recipe_runs_one_step(recipe, cifar_source, data_root):
     assert losses and all(math.isfinite(float(v.detach())) for v in losses.values()), losses
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+IMAGENET_RECIPES = [p for p in RECIPES if p.parts[-3] == "imagenet" and p.parts[-2] != "dot"]
+# The pairs of mdistiller's configs/imagenet/{r34_r18,r50_mv1}: teacher, student, their pooled widths (CRD.FEAT
+# STUDENT_DIM / TEACHER_DIM) and ReviewKD's IN_CHANNELS / OUT_CHANNELS / SHAPES.
+IMAGENET_PAIRS = {
+    "ResNet34_ResNet18": ("tv_resnet34", "tv_resnet18", 512, 512, [64, 128, 256, 512, 512], [64, 128, 256, 512, 512]),
+    "ResNet50_MobileNetV1": ("tv_resnet50", "MobileNetV1", 1024, 2048, [128, 256, 512, 1024, 1024],
+                             [256, 512, 1024, 2048, 2048]),
+}
+REVIEWKD_SHAPES = [56, 28, 14, 7, 1]  # mdistiller SHAPES / OUT_SHAPES [1, 7, 14, 28, 56], shallowest first here
+# (global batch, lr, epochs) per method: mdistiller SOLVER (KD, DKD: 512 / 0.2; CRD, ReviewKD: 256 / 0.1; 100
+# epochs) and SimKD scripts/run_distill.sh (256 / 0.1, 120 epochs); decay x0.1 after 30/60/90 and wd 1e-4 for all.
+IMAGENET_SOLVER = {"kd": (512, 0.2, 100), "dkd": (512, 0.2, 100), "crd": (256, 0.1, 100),
+                   "reviewkd": (256, 0.1, 100), "simkd": (256, 0.1, 120)}
+# The method keys as the sources set them (mdistiller's cfg.py defaults filled in).
+IMAGENET_METHOD = {
+    ("kd", "ResNet34_ResNet18"): {"temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5},
+    ("kd", "ResNet50_MobileNetV1"): {"temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5},
+    ("dkd", "ResNet34_ResNet18"): {"alpha": 1.0, "beta": 0.5, "temperature": 1.0, "warmup_epochs": 1, "ce_weight": 1.0},
+    ("dkd", "ResNet50_MobileNetV1"): {"alpha": 1.0, "beta": 2.0, "temperature": 1.0, "warmup_epochs": 1,
+                                      "ce_weight": 1.0},
+    **{("crd", pair): {"feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_momentum": 0.5, "mode": "exact",
+                       "ce_weight": 1.0, "kd_weight": 0.0, "feat_weight": 0.8} for pair in IMAGENET_PAIRS},
+    ("reviewkd", "ResNet34_ResNet18"): {"reviewkd_weight": 1.0, "warmup_epochs": 1, "student_preact": True,
+                                        "ce_weight": 1.0, "max_mid_channel": 512},
+    ("reviewkd", "ResNet50_MobileNetV1"): {"reviewkd_weight": 8.0, "warmup_epochs": 1, "student_preact": True,
+                                           "ce_weight": 1.0, "max_mid_channel": 512},
+    **{("simkd", pair): {"factor": 2, "simkd_weight": 1.0, "ce_weight": 0.0, "kd_weight": 0.0}
+       for pair in IMAGENET_PAIRS},
+}
+IMAGENET_PUBLISHED = {
+    "imagenet/kd/ResNet34_ResNet18.yaml": 71.03, "imagenet/kd/ResNet50_MobileNetV1.yaml": 70.50,
+    "imagenet/dkd/ResNet34_ResNet18.yaml": 71.70, "imagenet/dkd/ResNet50_MobileNetV1.yaml": 72.05,
+    "imagenet/crd/ResNet34_ResNet18.yaml": 71.17, "imagenet/crd/ResNet50_MobileNetV1.yaml": None,
+    "imagenet/reviewkd/ResNet34_ResNet18.yaml": 71.61, "imagenet/reviewkd/ResNet50_MobileNetV1.yaml": 72.56,
+    "imagenet/simkd/ResNet34_ResNet18.yaml": None, "imagenet/simkd/ResNet50_MobileNetV1.yaml": None,
+}
+
+
+def test_imagenet_recipes_cover_every_pair_and_method():
+    assert {_id(p) for p in IMAGENET_RECIPES} == set(IMAGENET_PUBLISHED)
+
+
+@pytest.mark.parametrize("recipe", IMAGENET_RECIPES, ids=_id)
+def test_imagenet_recipe_is_the_source_setting(recipe):
+    cfg = load_config(recipe)
+    method, pair = recipe.parts[-2], recipe.stem
+    teacher, student = IMAGENET_PAIRS[pair][:2]
+    assert (cfg.data.dataset, cfg.teacher.name, cfg.student.name) == ("imagenet", teacher, student)
+    batch, lr, epochs = IMAGENET_SOLVER[method]
+    assert (cfg.data.batch_size, cfg.schedule.reference_batch, cfg.optim.lr, cfg.schedule.epochs) == (
+        batch, batch, lr, epochs)
+    assert (cfg.optim.name, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov) == ("sgd", 0.9, 1e-4, False)
+    assert (cfg.schedule.milestones, cfg.schedule.gamma, cfg.data.test_batch_size) == ([30, 60, 90], 0.1, 128)
+    # the recipe's global batch over 8 processes keeps its lr; a global 256 halves a 512 recipe's (linear scaling)
+    assert scaled_to_batch(cfg.schedule, cfg.optim.lr, 8 * (batch // 8))[1] == pytest.approx(lr)
+    assert scaled_to_batch(cfg.schedule, cfg.optim.lr, 256)[1] == pytest.approx(lr * 256 / batch)
+    resolved = dataclasses.asdict(_resolved_method(cfg))
+    assert {k: resolved[k] for k in IMAGENET_METHOD[method, pair]} == IMAGENET_METHOD[method, pair]
+    if method == "simkd":  # the seed's DALI ranges: fn.decoders.image_random_crop in dataset/imagenet_dali.py
+        assert (cfg.data.loader, cfg.data.crop_scale, cfg.data.crop_ratio) == ("auto", [0.1, 1.0], [0.8, 1.25])
+    else:  # torchvision's RandomResizedCrop defaults (mdistiller/dataset/imagenet.py)
+        assert (cfg.data.loader, cfg.data.crop_scale) == ("torch", [0.08, 1.0])
+        assert cfg.data.crop_ratio == pytest.approx([3 / 4, 4 / 3])
+    assert cfg.published.top1 == IMAGENET_PUBLISHED[_id(recipe)]
+    assert (cfg.published.source is None) == (cfg.published.top1 is None)
+
+
+@pytest.fixture(scope="module")
+def imagenet_models():
+    """Random-weight ImageNet models by name (1000 classes), each built once."""
+    built = {}
+
+    def build(name):
+        if name not in built:
+            torch.manual_seed(0)
+            built[name] = create_model(name, num_classes=1000).eval()
+        return built[name]
+
+    return build
+
+
+@pytest.mark.parametrize("recipe", [p for p in IMAGENET_RECIPES if p.parts[-2] in ("crd", "reviewkd", "simkd")],
+                         ids=_id)
+def test_imagenet_recipe_modules_have_the_reference_shapes(recipe, imagenet_models):
+    """The modules the feature methods size from the models equal mdistiller's config lists for the pair."""
+    cfg = load_config(recipe)
+    method, pair = recipe.parts[-2], recipe.stem
+    _, _, student_dim, teacher_dim, in_channels, out_channels = IMAGENET_PAIRS[pair]
+    distiller = method_class(method)(imagenet_models(cfg.student.name), imagenet_models(cfg.teacher.name),
+                                     dict(cfg.method), input_shape=(3, 224, 224), batch_size=cfg.data.batch_size)
+    if method == "crd":
+        assert (distiller.embed_student.in_features, distiller.embed_teacher.in_features) == (student_dim, teacher_dim)
+        assert distiller.embed_student.out_features == distiller.embed_teacher.out_features == 128
+    elif method == "reviewkd":
+        abfs = list(distiller.abfs)[::-1]  # stored deepest first, as mdistiller's abfs[::-1]
+        assert [abf.conv1[0].in_channels for abf in abfs] == in_channels
+        assert [abf.conv2[0].out_channels for abf in abfs] == out_channels
+        assert {abf.conv1[0].out_channels for abf in abfs} == {512}  # mdistiller: min(512, in_channels[-1])
+        levels = distiller.teacher_levels(distiller.probe_teacher())
+        assert [t.shape[-1] for t in levels] == REVIEWKD_SHAPES and [t.shape[1] for t in levels] == out_channels
+    else:  # SimKD projector: C_s -> C_t / 2 -> C_t / 2 -> C_t (factor 2)
+        convs = [m for m in distiller.projector.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert [(c.in_channels, c.out_channels) for c in convs] == [
+            (student_dim, teacher_dim // 2), (teacher_dim // 2, teacher_dim // 2), (teacher_dim // 2, teacher_dim)]

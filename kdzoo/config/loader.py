@@ -126,6 +126,16 @@ def validate(cfg: Config) -> None:
         (cfg.data.crop_size > 0 and cfg.data.base_size > 0, "data.crop_size and data.base_size must be positive"),
         (cfg.data.num_classes is None or cfg.data.num_classes > 1, "data.num_classes must be at least 2"),
         (list(cfg.schedule.milestones) == sorted(cfg.schedule.milestones), "schedule.milestones must be increasing"),
+        (cfg.data.loader in ("torch", "device", "dali", "auto"), f"data.loader must be torch, device, dali or auto, "
+         f"got {cfg.data.loader!r}"),
+        (len(cfg.data.crop_scale) == 2 and 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1,
+         f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {list(cfg.data.crop_scale)}"),
+        (len(cfg.data.crop_ratio) == 2 and 0 < cfg.data.crop_ratio[0] <= cfg.data.crop_ratio[1],
+         f"data.crop_ratio must be [min, max] with 0 < min <= max, got {list(cfg.data.crop_ratio)}"),
+        (cfg.data.interpolation in ("bilinear", "bicubic"), f"data.interpolation must be bilinear or bicubic, got "
+         f"{cfg.data.interpolation!r}"),
+        (cfg.data.corrupt in ("stop", "skip"), f"data.corrupt must be 'stop' or 'skip', got {cfg.data.corrupt!r}"),
+        (cfg.teacher.cache_topk >= 1, "teacher.cache_topk must be >= 1"),
         (cfg.runtime.nonfinite in ("stop", "skip"), "runtime.nonfinite must be 'stop' or 'skip'"),
         (cfg.runtime.amp_dtype in ("auto", "bf16", "fp16"), "runtime.amp_dtype must be auto, bf16 or fp16"),
         (cfg.runtime.log_interval > 0, "runtime.log_interval must be positive"),

@@ -31,6 +31,19 @@ class DataConfig:
     augment: bool = True
     drop_last: bool = False
     image_size: int | None = None  # imagefolder datasets: training crop size (default 224)
+    # Class-folder datasets (ImageNet, imagefolder; docs/config.md, ImageNet loading): who decodes and augments.
+    # torch: PIL in DataLoader workers (the reference); device: workers read the JPEG bytes, decoding and the
+    # crops run batched on runtime.device (nvJPEG on CUDA); auto: device on CUDA, else torch;
+    # dali: refused with a clear error (not built yet).
+    loader: str = "torch"
+    # RandomResizedCrop's area fraction and aspect-ratio ranges (torchvision's defaults; the SimKD seed's DALI
+    # pipeline uses area [0.1, 1] and aspect [0.8, 1.25], set in its recipes).
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    interpolation: str = "bilinear"  # bilinear (torchvision's default) | bicubic (FKD's soft-label recipe)
+    # An image that cannot be decoded: stop (exit 2 naming the file; checkpoints are kept) or skip (dropped
+    # from its batch with a warning, counted per epoch as data/skipped_images).
+    corrupt: str = "stop"
     # Per-channel normalisation; null = the dataset's convention (CIFAR-100: RepDistiller's, mdistiller's and
     # SimKD's constants, which their published teachers were trained with; docs/config.md).
     mean: list[float] | None = None
@@ -56,6 +69,9 @@ class TeacherConfig:
     checkpoint: str | None = None
     # Directory of a teacher-output cache (`kdzoo cache build`); logits-only methods then skip the teacher.
     cache: str | None = None
+    # Class-folder datasets: the crop-level cache (FKD, Shen & Xing, ECCV 2022) keeps the teacher's top-k logits
+    # per sampled crop; FKD's own soft labels keep the top 5 or 10 (FKD_SLG/generate_soft_label.py).
+    cache_topk: int = 10
     # Module paths of the tap groups, for a model whose taps kdzoo cannot derive (docs/models.md, "Taps"):
     # {stem: act1, stages: [layer1, ...], stages_pre: [...], pooled: 'in:fc', prepool: ..., classifier: fc}.
     taps: dict[str, Any] | None = None

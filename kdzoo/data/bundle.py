@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from kdzoo.types import Batch, DatasetInfo
 
@@ -14,6 +15,20 @@ from kdzoo.types import Batch, DatasetInfo
 class TrainLoader(Protocol):
     def __len__(self) -> int: ...
     def iterate(self, epoch: int, start_step: int = 0) -> Iterator[Batch]: ...
+
+
+@runtime_checkable
+class CropReplayLoader(Protocol):
+    """A class-folder loader (torch, device or DALI backend): its crops can come from a crop-level teacher cache
+    (``replay``), and ``in_index_order`` reads every sample once in index order (building that cache)."""
+
+    pipeline: Any
+    samples: list[tuple[Path, int]]
+
+    def __len__(self) -> int: ...
+    def iterate(self, epoch: int, start_step: int = 0) -> Iterator[Batch]: ...
+    def replay(self, cache: Any) -> None: ...
+    def in_index_order(self, batch_size: int | None = None) -> Any: ...
 
 
 @dataclass

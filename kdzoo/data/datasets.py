@@ -195,6 +195,20 @@ def _normalisation(cfg: Any, mean: tuple[float, ...], std: tuple[float, ...]) ->
     return tuple(cfg.mean or mean), tuple(cfg.std or std)
 
 
+def folder_backend(cfg: Any, device: torch.device, has_crop_pipeline: bool) -> str:
+    """``data.loader`` resolved: torch (PIL in workers) or device (decoded and augmented on ``device``). auto:
+    device on CUDA, else torch (on a CPU the workers decode in parallel, which beats one decoding process)."""
+    if cfg.loader == "dali":
+        raise UserInputError("data.loader=dali is not available in this version of kdzoo; data.loader=device "
+                             "decodes and augments on the GPU with the same crops")
+    if cfg.loader == "auto":
+        return "device" if device.type == "cuda" and has_crop_pipeline else "torch"
+    if cfg.loader == "device" and not has_crop_pipeline:
+        raise UserInputError(f"data.loader={cfg.loader} runs the RandomResizedCrop pipeline (imagenet, imagefolder); "
+                             f"{cfg.dataset}'s augmentation runs with data.loader=torch")
+    return cfg.loader
+
+
 def build_folder_data(
     cfg: Any, *, seed: int, device: torch.device, rank: int, world_size: int, drop_last: bool
 ) -> DataBundle:
@@ -206,7 +220,7 @@ def build_folder_data(
         train_samples, classes = folder.scan_class_folders(root / "train")
         test_samples = folder.scan_tiny_imagenet_val(root, classes)
         mean, std = _normalisation(cfg, *DATASET_NORMALISATION["tiny_imagenet"])
-        train_tf, test_tf = folder.tiny_imagenet_transforms(mean, std)
+        train_pipe, test_pipe = folder.tiny_imagenet_pipelines(mean, std)
         size = 64
     else:
         train_samples, classes = folder.scan_class_folders(root / "train")
@@ -215,17 +229,21 @@ def build_folder_data(
             raise UserInputError(f"{root}/val has other classes than {root}/train")
         size = cfg.image_size or 224
         mean, std = _normalisation(cfg, *DATASET_NORMALISATION[cfg.dataset])
-        train_tf, test_tf = folder.imagenet_transforms(size, mean, std)
+        train_pipe, test_pipe = folder.imagenet_pipelines(size, mean, std, cfg.crop_scale, cfg.crop_ratio,
+                                                          cfg.interpolation)
     if not cfg.augment:
-        train_tf = test_tf
+        train_pipe = test_pipe
     if cfg.subset is not None:
         train_samples = spread_subset(train_samples, cfg.subset)
     if cfg.test_subset is not None:
         test_samples = spread_subset(test_samples, cfg.test_subset)
-    common = {"num_workers": cfg.num_workers, "device": device, "seed": seed}
-    train = folder.FolderLoader(train_samples, train_tf, batch_size=cfg.batch_size, shuffle=True,
-                                drop_last=drop_last or cfg.drop_last, rank=rank, world_size=world_size, **common)
-    test = folder.FolderLoader(test_samples, test_tf, batch_size=cfg.test_batch_size, shuffle=False, **common)
+    # The device and DALI backends run RandomResizedCrop + flip and the resize + centre-crop evaluation.
+    backend = folder_backend(cfg, device, train_pipe.crop is not None or train_pipe.resize is not None)
     targets = torch.tensor([label for _, label in train_samples])
     info = DatasetInfo(num_samples=len(train_samples), num_classes=len(classes), targets=targets)
+    common = {"num_workers": cfg.num_workers, "device": device, "seed": seed, "decode_on_device": backend == "device",
+              "corrupt": cfg.corrupt, "num_classes": len(classes)}
+    train = folder.FolderLoader(train_samples, train_pipe, batch_size=cfg.batch_size, shuffle=True,
+                                drop_last=drop_last or cfg.drop_last, rank=rank, world_size=world_size, **common)
+    test = folder.FolderLoader(test_samples, test_pipe, batch_size=cfg.test_batch_size, shuffle=False, **common)
     return DataBundle(train, test, info, (3, size, size), len(classes), mean=mean, std=std)

@@ -43,8 +43,8 @@ from torch.utils.data import Dataset
 from kdzoo.data import trees
 from kdzoo.data.bundle import DataBundle
 from kdzoo.data.det_transforms import aspect_ratio_groups, grouped_batches, random_hflip
-from kdzoo.data.planned_loader import PlannedBatchLoader, batches_per_rank, rank_share
-from kdzoo.data.segmentation import _probe_image, decode_image, sample_seed
+from kdzoo.data.planned_loader import PlannedBatchLoader, batches_per_rank, rank_share, sample_seed
+from kdzoo.data.segmentation import _probe_image, decode_image
 from kdzoo.errors import UserInputError
 from kdzoo.types import Batch, DatasetInfo
 

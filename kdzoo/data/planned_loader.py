@@ -15,6 +15,12 @@ from kdzoo.data.tensor_loader import _epoch_generator
 from kdzoo.types import Batch
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation in one epoch: the folder, segmentation and detection datasets seed
+    a sample's random draws with it, so a sample's augmentation does not depend on the worker that reads it."""
+    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+
+
 def rank_share(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool = True) -> Tensor:
     """This process's sample indices for ``epoch``: the epoch's permutation (seeded by (seed, epoch)), padded by
     repetition to a multiple of ``world_size``, every ``world_size``-th entry from ``rank`` (DistributedSampler's

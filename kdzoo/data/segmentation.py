@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from kdzoo.data import nuclei
 from kdzoo.data.bundle import DataBundle
-from kdzoo.data.planned_loader import PlannedBatchLoader, batches_per_rank, rank_share
+from kdzoo.data.planned_loader import PlannedBatchLoader, batches_per_rank, rank_share, sample_seed
 from kdzoo.data.seg_transforms import FixedResize, FixScaleCrop, TrainTransform, mask_image
 from kdzoo.errors import UserInputError
 from kdzoo.types import Batch, DatasetInfo
@@ -249,11 +249,6 @@ def segfolder_samples(root: str | Path, split: str) -> list[SegSample]:
 
 
 # ------------------------------------------------------------------------------------------------ loaders
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The per-sample augmentation seed (the same mixing as :class:`kdzoo.data.folder.SeededImageDataset`)."""
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index
 
 
 class SeededSegmentationDataset(Dataset):

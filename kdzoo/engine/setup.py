@@ -18,9 +18,12 @@ import torch
 from torch import nn
 
 from kdzoo.config.schema import Config
+from kdzoo.data.bundle import CropReplayLoader
+from kdzoo.data.crop_cache import CropCache, CropCacheKey
 from kdzoo.data.datasets import DataBundle, build_data
 from kdzoo.data.tensor_loader import TensorBatchLoader
 from kdzoo.engine.checkpoint_io import load_verified
+from kdzoo.engine.crop_cache_build import crop_cache_key
 from kdzoo.engine.runtime import resolve_device, seed_everything, set_deterministic
 from kdzoo.engine.teacher_cache import TeacherCache, cache_key
 from kdzoo.errors import UserInputError
@@ -188,19 +191,41 @@ def renormalise_teacher_input(teacher: nn.Module, cfg: Config, data: DataBundle)
 
 
 def cache_key_for(cfg: Config, data: DataBundle) -> Any:
+    """The key of the run's teacher cache: the exact view table of an in-memory dataset (:mod:`teacher_cache`)
+    or the crop-level cache of a class-folder dataset (:mod:`kdzoo.data.crop_cache`)."""
     if cfg.teacher.mean is not None or cfg.teacher.std is not None:
         raise UserInputError("teacher.cache does not record teacher.mean / teacher.std: run the live teacher "
                              "(unset teacher.cache) when its input is renormalised")
-    if not isinstance(data.train, TensorBatchLoader) or not cfg.teacher.name or not cfg.teacher.checkpoint:
-        raise UserInputError("the teacher cache needs an in-memory dataset (CIFAR, mnist5k) and a teacher checkpoint")
-    return cache_key(data.train, cfg.teacher.name, resolve_checkpoint(cfg.teacher.checkpoint), cfg.data.dataset,
-                     data.num_classes)
+    if not cfg.teacher.name or not cfg.teacher.checkpoint:
+        raise UserInputError("the teacher cache needs teacher.name and teacher.checkpoint")
+    checkpoint = resolve_checkpoint(cfg.teacher.checkpoint)
+    if isinstance(data.train, TensorBatchLoader):
+        return cache_key(data.train, cfg.teacher.name, checkpoint, cfg.data.dataset, data.num_classes)
+    if isinstance(data.train, CropReplayLoader):
+        return crop_cache_key(data.train, teacher_name=cfg.teacher.name, teacher_checkpoint=checkpoint,
+                              dataset=cfg.data.dataset, root=cfg.data.root, num_classes=data.num_classes,
+                              topk=cfg.teacher.cache_topk)
+    raise UserInputError(f"teacher.cache: {cfg.data.dataset} has no teacher cache (in-memory datasets: CIFAR, "
+                         "mnist5k; crop-level: imagenet, imagefolder)")
+
+
+def run_epochs(cfg: Config, data: DataBundle) -> int:
+    """The epochs a run trains (what a crop-level cache must hold)."""
+    if cfg.schedule.unit == "epochs":
+        return cfg.schedule.epochs
+    return -(-int(cfg.schedule.iterations or 0) // max(len(data.train), 1))
 
 
 def open_teacher_cache(cfg: Config, data: DataBundle, distiller: Distiller,
                        device: torch.device) -> TeacherCache | None:
+    """The exact view table is looked up by the trainer; a crop-level cache is handed to the loader, which then
+    replays its crops and delivers the targets with each batch (``Batch.teacher_logits``)."""
     if distiller.uses_teacher_features:
         warnings.warn(f"{distiller.name} reads teacher features, not only logits: teacher.cache is ignored and the "
                       "live teacher runs", stacklevel=2)
         return None
-    return TeacherCache(cfg.teacher.cache, cache_key_for(cfg, data), device)
+    key = cache_key_for(cfg, data)
+    if isinstance(key, CropCacheKey):
+        data.train.replay(CropCache(cfg.teacher.cache, key, run_epochs(cfg, data)))  # type: ignore[attr-defined]
+        return None
+    return TeacherCache(cfg.teacher.cache, key, device)

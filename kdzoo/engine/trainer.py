@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from kdzoo import __version__
+from kdzoo.collectives import total
 from kdzoo.config.loader import to_dict, to_yaml
 from kdzoo.engine import checkpoint_io
 from kdzoo.engine.dot import dot_backward_step
@@ -358,6 +359,7 @@ class Trainer:
         record: dict[str, Any] = {"stage": stage.name, "epoch": s.epoch, "step": s.global_step,
                                   "lr": self.optimizer.param_groups[0]["lr"]}
         record.update({f"train/{k}": float(v) / max(s.epoch_steps, 1) for k, v in s.epoch_sums.items()})
+        record.update(self._loader_stats())
         record["epoch_time_s"] = seconds
         final_stage = stage is self.stages[-1]
         if final_stage and (s.epoch % self.cfg.runtime.eval_every == 0 or s.epoch == epochs):
@@ -374,6 +376,18 @@ class Trainer:
         self.save()
         if final_stage and s.epoch > epochs:
             self.export("student_last.pt", record)
+
+    def _loader_stats(self) -> dict[str, float]:
+        """Counts the training loader reports for its epoch (a loader may declare ``epoch_stats``: the class-folder
+        loaders count images skipped as undecodable), summed over processes."""
+        stats_of = getattr(self.parts.data.train, "epoch_stats", None)
+        if stats_of is None:
+            return {}
+        stats = stats_of()
+        if not stats:
+            return {}
+        summed = total(torch.tensor(list(stats.values()), dtype=torch.float32, device=self.device))
+        return dict(zip(stats, summed.tolist()))
 
     def train_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         """One training step: the batch's cached teacher logits and memory format, then the update the

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kdzoo
+from kdzoo.data.sample_photos import build_photo_folder
 from tests.conftest import REPO_ROOT
 
 
@@ -47,3 +48,36 @@ def test_torchrun_two_processes_gloo(tmp_path, optim, method):
     assert [r["step"] for r in records] == [4, 8]
     assert all(0 <= r["top1"] <= 100 for r in records)
     assert (run_dir / "student_last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_class_folder_with_crop_cache_and_a_corrupt_file(tmp_path):
+    """Real JPEGs decoded by the `device` backend, the crop-level teacher cache replayed on both ranks, and one
+    truncated file skipped (data.corrupt=skip): each rank counts what it skipped and the epoch record sums them."""
+    root = build_photo_folder(tmp_path / "photos", train_per_class=4, val_per_class=1, classes=4)
+    victim = sorted((root / "train" / "coffee").glob("*.JPEG"))[0]
+    victim.write_bytes(victim.read_bytes()[:1500])
+    teacher = tmp_path / "teacher.pth"
+    torch.manual_seed(0)
+    torch.save(kdzoo.create_model("tv_resnet18", num_classes=4).state_dict(), teacher)
+    config = tmp_path / "ddp.yaml"
+    config.write_text(
+        "experiment: {name: ddp, seed: 3}\n"
+        f"data: {{dataset: imagefolder, root: {root}, image_size: 32, batch_size: 4, num_workers: 0, "
+        "loader: device, corrupt: skip}\n"
+        f"teacher: {{name: tv_resnet18, checkpoint: {teacher}, cache: {tmp_path / 'cache'}, cache_topk: 2}}\n"
+        "student: {name: tv_resnet18}\nmethod: {name: kd}\nschedule: {epochs: 2, milestones: [1]}\n"
+        "runtime: {device: cpu, progress: false, tensorboard: false, threads: 1}\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    build = subprocess.run([sys.executable, "-m", "kdzoo", "cache", "build", str(config)], cwd=REPO_ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "kdzoo", "train", str(config), f"experiment.output_dir={tmp_path / 'runs'}"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    # 16 images / 2 ranks / batch 4 = 2 steps per epoch on each rank; the truncated file is met once per epoch.
+    assert [r["step"] for r in records] == [2, 4]
+    assert [r["data/skipped_images"] for r in records] == [1.0, 1.0]
