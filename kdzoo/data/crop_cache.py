@@ -128,18 +128,28 @@ def write_meta(directory: Path, key: CropCacheKey, build_seed: int) -> None:
     meta.write_text(json.dumps({"format": FORMAT, **key.as_dict(), "build_seed": build_seed}, indent=1))
 
 
-def check_meta(directory: Path, expected: CropCacheKey) -> None:
-    """The cache at ``directory`` was built for ``expected``; else a UserInputError naming what differs."""
-    meta_path = directory / "meta.json"
-    if not meta_path.is_file():
-        raise UserInputError(f"teacher cache {directory} is missing: run `kdzoo cache build` with this config")
-    meta = json.loads(meta_path.read_text())
-    wanted = {"format": FORMAT, **expected.as_dict()}
+def check_cache_key(directory: Path, meta: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """A teacher cache's recorded ``meta`` holds every entry of ``wanted`` (the run's key); else a UserInputError
+    naming what differs. Shared by the exact view table (:mod:`kdzoo.engine.teacher_cache`) and this cache."""
     wrong = [k for k in wanted if meta.get(k) != wanted[k]]
     if wrong:
         details = "; ".join(f"{k}: cache {meta.get(k)!r} vs run {wanted[k]!r}" for k in wrong[:4])
         raise UserInputError(f"teacher cache {directory} was built for another setting ({details}); rebuild it "
                              "(`kdzoo cache build`) or point teacher.cache elsewhere")
+
+
+def fp16_spacing(x: Tensor) -> Tensor:
+    """The fp16 spacing at |x|, 2^(floor(log2|x|) - 10) (normal range): the unit in which a cached fp16 value is
+    compared with the live one it rounds."""
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(2.0**-14))) - 10)
+
+
+def check_meta(directory: Path, expected: CropCacheKey) -> None:
+    """The cache at ``directory`` was built for ``expected``; else a UserInputError naming what differs."""
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file():
+        raise UserInputError(f"teacher cache {directory} is missing: run `kdzoo cache build` with this config")
+    check_cache_key(directory, json.loads(meta_path.read_text()), {"format": FORMAT, **expected.as_dict()})
 
 
 class CropCache:

@@ -23,9 +23,9 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
-# The columns of a crop-parameter row (Batch.crop of a class-folder batch, the cache's params table).
-CROP_COLUMNS = ("top", "left", "height", "width", "flip")
-NO_CROP = (-1, -1, -1, -1, 0)  # a sample whose augmentation has no crop parameters (evaluation, Tiny-ImageNet)
+# A crop-parameter row (Batch.crop of a class-folder batch, the cache's params table) is (top, left, height,
+# width, flip); NO_CROP marks a sample whose augmentation has none (evaluation, Tiny-ImageNet).
+NO_CROP = (-1, -1, -1, -1, 0)
 
 INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 

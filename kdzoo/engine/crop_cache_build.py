@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdzoo.data.crop_cache import CropCache, CropCacheKey, EpochShardWriter, write_meta
+from kdzoo.data.crop_cache import CropCache, CropCacheKey, EpochShardWriter, fp16_spacing, write_meta
 from kdzoo.data.folder import FolderLoader, collate_folder
 from kdzoo.digest import file_sha256
 from kdzoo.errors import UserInputError
@@ -132,7 +132,6 @@ def verify_crop_cache(cache: CropCache, teacher: nn.Module, loader: FolderLoader
     k = cache.key.topk
     values, classes = live.topk(k, dim=1)
     stored = cached.gather(1, classes)
-    spacing = torch.exp2(torch.floor(torch.log2(values.abs().clamp_min(2.0**-14))) - 10)
     rest = live.scatter(1, classes, float("-inf"))
     live_tail = torch.logsumexp(rest, dim=1)
     p_live, p_cached = live.softmax(dim=1), cached.softmax(dim=1)
@@ -140,7 +139,7 @@ def verify_crop_cache(cache: CropCache, teacher: nn.Module, loader: FolderLoader
     tail_cached = torch.logsumexp(cached.scatter(1, classes, float("-inf")), dim=1) if k < live.shape[1] else None
     return CropCacheCheck(
         samples=len(batch.index),
-        top_fp16_steps=float(((stored - values).abs() / spacing).max()),
+        top_fp16_steps=float(((stored - values).abs() / fp16_spacing(values)).max()),
         tail_lse_abs=0.0 if tail_cached is None else float((tail_cached - live_tail).abs().max()),
         tail_mass_max=float(tail_mass.max()),
         prob_l1_max=float((p_cached - p_live).abs().sum(dim=1).max()),

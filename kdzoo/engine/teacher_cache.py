@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdzoo.data.crop_cache import check_cache_key, fp16_spacing
 from kdzoo.data.tensor_loader import TensorBatchLoader
 from kdzoo.digest import file_sha256
 from kdzoo.errors import UserInputError
@@ -110,12 +111,7 @@ class TeacherCache:
         meta_path = directory / "meta.json"
         if not meta_path.is_file() or not (directory / "logits.npy").is_file():
             raise UserInputError(f"teacher cache {directory} is missing or incomplete: run `kdzoo cache build`")
-        meta = json.loads(meta_path.read_text())
-        wanted = {"format": FORMAT, **expected.as_dict()}
-        wrong = [k for k in wanted if meta.get(k) != wanted[k]]
-        if wrong:
-            details = ", ".join(f"{k}: cache {meta.get(k)!r} vs run {wanted[k]!r}" for k in wrong[:3])
-            raise UserInputError(f"teacher cache {directory} was built for another setting ({details})")
+        check_cache_key(directory, json.loads(meta_path.read_text()), {"format": FORMAT, **expected.as_dict()})
         self.table = np.load(directory / "logits.npy", mmap_mode="r")
         self.device = device
 
@@ -143,6 +139,5 @@ def verify_cache(cache: TeacherCache, teacher: nn.Module, loader: TensorBatchLoa
     live = teacher(loader.normalize(loader.crop_flip(images, view[:, 0].to(device), view[:, 1].to(device),
                                                      view[:, 2].bool().to(device)))).float().cpu()
     cached = cache.lookup(index, view).cpu()
-    # fp16 spacing at |x|: 2^(floor(log2|x|) - 10); the cached value is the live one rounded to fp16.
-    spacing = torch.exp2(torch.floor(torch.log2(live.abs().clamp_min(2.0**-14))) - 10)
-    return float(((cached - live).abs() / spacing).max())
+    # The cached value is the live one rounded to fp16.
+    return float(((cached - live).abs() / fp16_spacing(live)).max())
