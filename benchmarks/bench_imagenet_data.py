@@ -4,7 +4,7 @@ quality 70-95, a few greyscale and CMYK files, as ImageNet has).
 
 1. Images/s of each class-folder backend available here (RandomResizedCrop 224 + flip + normalise, batch 64):
    `torch` (PIL in DataLoader workers, the reference), `device` (workers read bytes; batched decode + crops on
-   --device).
+   --device), `dali` (the same worker output through an NVIDIA DALI pipeline; CPU-only without a GPU).
 2. A KD training step (teacher forward + student forward/backward/SGD = the compute floor) against the same step
    reading the teacher's logits from the crop-level cache (student step + the cache read), on the same batches.
 
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from kdzoo.config.loader import config_from_dict
+from kdzoo.data import dali_augment
 from kdzoo.data.crop_cache import CropCache
 from kdzoo.data.datasets import build_data
 from kdzoo.data.sample_photos import PHOTOS, build_photo_folder
@@ -108,7 +109,8 @@ def main() -> None:
     parser.add_argument("--kd-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--topk", type=int, default=5)
-    parser.add_argument("--backends", default=None, help="comma-separated (default: torch,device)")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated (default: torch,device, and dali where it is installed)")
     parser.add_argument("--folder", default=None, help="where the photo folder is built (default: a temp dir)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -117,15 +119,16 @@ def main() -> None:
         per_class = max(1, args.images // len(PHOTOS))
         root = build_photo_folder(Path(args.folder) if args.folder else tmp / "photos", train_per_class=per_class,
                                   val_per_class=2, greyscale_every=50, cmyk_every=97)
-        backends = args.backends.split(",") if args.backends else ["torch", "device"]
+        available = ["torch", "device"] + (["dali"] if dali_augment.dali_available() else [])
+        backends = args.backends.split(",") if args.backends else available
         rates = {b: loader_rate(root, b, args) for b in backends}
         live, cached, teacher_only = kd_steps(root, args, tmp)
     command = ("python benchmarks/bench_imagenet_data.py " + f"--device {args.device} --images {args.images} "
-               f"--threads {args.threads}")
+               f"--threads {args.threads} --repeats {args.repeats} --steps {args.steps}")
     print(f"`{command}` — {per_class * len(PHOTOS)} JPEGs, {torch.get_num_threads()} threads, {args.workers} "
           f"workers, torch {torch.__version__}, {platform.machine()}")
     print()
-    print("| class-folder backend (RandomResizedCrop 224 + flip, batch 64) | images/s | × torch |")
+    print(f"| class-folder backend (RandomResizedCrop 224 + flip, batch {args.batch_size}) | images/s | × torch |")
     print("|---|---:|---:|")
     for backend, rate in rates.items():
         print(f"| `{backend}` on {args.device} | {rate:,.0f} | {rate / rates['torch']:.2f} |")

@@ -281,6 +281,7 @@ IMAGENET_PAIRS = {
     "ResNet50_MobileNetV1": ("tv_resnet50", "MobileNetV1", 1024, 2048, [128, 256, 512, 1024, 1024],
                              [256, 512, 1024, 2048, 2048]),
 }
+REVIEWKD_MID = {"ResNet34_ResNet18": 512, "ResNet50_MobileNetV1": 256}
 REVIEWKD_SHAPES = [56, 28, 14, 7, 1]  # mdistiller SHAPES / OUT_SHAPES [1, 7, 14, 28, 56], shallowest first here
 # (global batch, lr, epochs) per method: mdistiller SOLVER (KD, DKD: 512 / 0.2; CRD, ReviewKD: 256 / 0.1; 100
 # epochs) and SimKD scripts/run_distill.sh (256 / 0.1, 120 epochs); decay x0.1 after 30/60/90 and wd 1e-4 for all.
@@ -297,8 +298,9 @@ IMAGENET_METHOD = {
                        "ce_weight": 1.0, "kd_weight": 0.0, "feat_weight": 0.8} for pair in IMAGENET_PAIRS},
     ("reviewkd", "ResNet34_ResNet18"): {"reviewkd_weight": 1.0, "warmup_epochs": 1, "student_preact": True,
                                         "ce_weight": 1.0, "max_mid_channel": 512},
+    # mid 256: dvlab-research/ReviewKD ImageNet/models/reviewkd.py build_review_kd('mobilenet'), the run behind 72.56
     ("reviewkd", "ResNet50_MobileNetV1"): {"reviewkd_weight": 8.0, "warmup_epochs": 1, "student_preact": True,
-                                           "ce_weight": 1.0, "max_mid_channel": 512},
+                                           "ce_weight": 1.0, "max_mid_channel": 256},
     **{("simkd", pair): {"factor": 2, "simkd_weight": 1.0, "ce_weight": 0.0, "kd_weight": 0.0}
        for pair in IMAGENET_PAIRS},
 }
@@ -370,10 +372,52 @@ def test_imagenet_recipe_modules_have_the_reference_shapes(recipe, imagenet_mode
         abfs = list(distiller.abfs)[::-1]  # stored deepest first, as mdistiller's abfs[::-1]
         assert [abf.conv1[0].in_channels for abf in abfs] == in_channels
         assert [abf.conv2[0].out_channels for abf in abfs] == out_channels
-        assert {abf.conv1[0].out_channels for abf in abfs} == {512}  # mdistiller: min(512, in_channels[-1])
+        # official ReviewKD ImageNet/models/reviewkd.py: mid_channel 512 (resnet18), 256 (mobilenet)
+        assert {abf.conv1[0].out_channels for abf in abfs} == {REVIEWKD_MID[pair]}
         levels = distiller.teacher_levels(distiller.probe_teacher())
         assert [t.shape[-1] for t in levels] == REVIEWKD_SHAPES and [t.shape[1] for t in levels] == out_channels
     else:  # SimKD projector: C_s -> C_t / 2 -> C_t / 2 -> C_t (factor 2)
         convs = [m for m in distiller.projector.modules() if isinstance(m, torch.nn.Conv2d)]
         assert [(c.in_channels, c.out_channels) for c in convs] == [
             (student_dim, teacher_dim // 2), (teacher_dim // 2, teacher_dim // 2), (teacher_dim // 2, teacher_dim)]
+
+
+# mdistiller's DOT configs, configs/imagenet/{r34_r18,r50_mv1}/dot.yaml and configs/tiny_imagenet/dot/*.yaml, with
+# mdistiller/engine/cfg.py's defaults where they set nothing (KD T 4 / CE 0.1 / KD 0.9, DATASET.TEST.BATCH_SIZE 64),
+# and the README's KD+DOT top-1: (teacher, student, batch, lr, epochs, milestones, wd, delta, (T, CE, KD), test
+# batch, published).
+DOT_RECIPES = {
+    "imagenet/dot/kd_ResNet34_ResNet18.yaml": ("tv_resnet34", "tv_resnet18", 512, 0.2, 100, [30, 60, 90], 1e-4, 0.09,
+                                               (1.0, 0.5, 0.5), 128, 71.72),
+    "imagenet/dot/kd_ResNet50_MobileNetV1.yaml": ("tv_resnet50", "MobileNetV1", 512, 0.2, 100, [30, 60, 90], 1e-4,
+                                                  0.09, (1.0, 0.5, 0.5), 128, 73.09),
+    "tiny_imagenet/dot/kd_ResNet18_MobileNetV2.yaml": ("ResNet18", "mv2_tinyimagenet", 256, 0.2, 200, [60, 120, 160],
+                                                       5e-4, 0.075, (4.0, 0.1, 0.9), 64, 64.01),
+    "tiny_imagenet/dot/kd_ResNet18_ShuffleV2.yaml": ("ResNet18", "ShuffleV2", 256, 0.2, 200, [60, 120, 160], 5e-4,
+                                                     0.075, (4.0, 0.1, 0.9), 64, 65.75),
+}
+
+
+def test_dot_recipes_cover_the_imagenet_and_tiny_imagenet_dot_folders():
+    found = {_id(p) for p in RECIPES if p.parts[-3] in ("imagenet", "tiny_imagenet") and p.parts[-2] == "dot"}
+    assert found == set(DOT_RECIPES)
+
+
+@pytest.mark.parametrize("recipe", sorted(DOT_RECIPES))
+def test_dot_recipe_is_the_mdistiller_setting(recipe):
+    cfg = load_config(REPO_ROOT / "configs" / recipe)
+    teacher, student, batch, lr, epochs, milestones, wd, delta, kd, test_batch, top1 = DOT_RECIPES[recipe]
+    assert (cfg.teacher.name, cfg.student.name, cfg.method["name"]) == (teacher, student, "kd")
+    assert (cfg.data.batch_size, cfg.data.test_batch_size, cfg.optim.lr, cfg.schedule.epochs) == (
+        batch, test_batch, lr, epochs)
+    assert (cfg.optim.name, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov, cfg.optim.dot_delta) == (
+        "dot", 0.9, wd, False, delta)
+    assert (cfg.schedule.milestones, cfg.schedule.gamma) == (milestones, 0.1)
+    resolved = dataclasses.asdict(_resolved_method(cfg))
+    assert (resolved["temperature"], resolved["ce_weight"], resolved["kd_weight"]) == kd
+    if cfg.data.dataset == "imagenet":  # the lr is for the global 512, as the KD and DKD recipes
+        assert cfg.schedule.reference_batch == 512
+        assert scaled_to_batch(cfg.schedule, cfg.optim.lr, 256)[1] == pytest.approx(0.1)
+    else:
+        assert (cfg.data.dataset, cfg.schedule.reference_batch) == ("tiny_imagenet", None)
+    assert cfg.published.top1 == top1 and "mdistiller README" in cfg.published.source

@@ -33,8 +33,8 @@ class DataConfig:
     image_size: int | None = None  # imagefolder datasets: training crop size (default 224)
     # Class-folder datasets (ImageNet, imagefolder; docs/config.md, ImageNet loading): who decodes and augments.
     # torch: PIL in DataLoader workers (the reference); device: workers read the JPEG bytes, decoding and the
-    # crops run batched on runtime.device (nvJPEG on CUDA); auto: device on CUDA, else torch;
-    # dali: refused with a clear error (not built yet).
+    # crops run batched on runtime.device (nvJPEG on CUDA); dali: the same through an NVIDIA DALI pipeline
+    # (optional extra kdzoo[dali]); auto: device on CUDA, else torch.
     loader: str = "torch"
     # RandomResizedCrop's area fraction and aspect-ratio ranges (torchvision's defaults; the SimKD seed's DALI
     # pipeline uses area [0.1, 1] and aspect [0.8, 1.25], set in its recipes).

@@ -15,6 +15,7 @@ from torch import Tensor
 from kdzoo.data import folder
 from kdzoo.data.bundle import DataBundle, TrainLoader  # noqa: F401  (re-exported)
 from kdzoo.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, load_cifar_split
+from kdzoo.data.dali_augment import DALI_INSTALL_HINT, DaliAugment, dali_available
 from kdzoo.data.detection import DETECTION_DATASETS, build_detection_data
 from kdzoo.data.segmentation import IMAGENET_MEAN, IMAGENET_STD, SEGMENTATION_DATASETS, build_segmentation_data
 from kdzoo.data.strong_augment import RandAugmentCutout
@@ -196,17 +197,27 @@ def _normalisation(cfg: Any, mean: tuple[float, ...], std: tuple[float, ...]) ->
 
 
 def folder_backend(cfg: Any, device: torch.device, has_crop_pipeline: bool) -> str:
-    """``data.loader`` resolved: torch (PIL in workers) or device (decoded and augmented on ``device``). auto:
-    device on CUDA, else torch (on a CPU the workers decode in parallel, which beats one decoding process)."""
-    if cfg.loader == "dali":
-        raise UserInputError("data.loader=dali is not available in this version of kdzoo; data.loader=device "
-                             "decodes and augments on the GPU with the same crops")
+    """``data.loader`` resolved: torch (PIL in workers), device (decoded and augmented on ``device`` by torchvision)
+    or dali (by an NVIDIA DALI pipeline). auto: device on CUDA, else torch (on a CPU the workers decode in parallel,
+    which beats one decoding process); DALI is opt-in, being an optional dependency."""
+    if cfg.loader == "dali" and not dali_available():
+        raise UserInputError(DALI_INSTALL_HINT)
     if cfg.loader == "auto":
         return "device" if device.type == "cuda" and has_crop_pipeline else "torch"
-    if cfg.loader == "device" and not has_crop_pipeline:
+    if cfg.loader in ("device", "dali") and not has_crop_pipeline:
         raise UserInputError(f"data.loader={cfg.loader} runs the RandomResizedCrop pipeline (imagenet, imagefolder); "
                              f"{cfg.dataset}'s augmentation runs with data.loader=torch")
     return cfg.loader
+
+
+def device_augment(backend: str, pipeline: folder.FolderPipeline, device: torch.device, batch_size: int,
+                   cfg: Any) -> folder.DeviceAugment | None:
+    """The strategy that decodes and augments a resolved backend's batches (None: PIL in the workers)."""
+    if backend == "dali":
+        return DaliAugment(pipeline, device, batch_size, num_threads=max(2, cfg.num_workers))
+    if backend == "device":
+        return folder.TorchDeviceAugment(pipeline, device)
+    return None
 
 
 def build_folder_data(
@@ -241,9 +252,13 @@ def build_folder_data(
     backend = folder_backend(cfg, device, train_pipe.crop is not None or train_pipe.resize is not None)
     targets = torch.tensor([label for _, label in train_samples])
     info = DatasetInfo(num_samples=len(train_samples), num_classes=len(classes), targets=targets)
-    common = {"num_workers": cfg.num_workers, "device": device, "seed": seed, "decode_on_device": backend == "device",
-              "corrupt": cfg.corrupt, "num_classes": len(classes)}
+    common = {"num_workers": cfg.num_workers, "device": device, "seed": seed, "corrupt": cfg.corrupt,
+              "num_classes": len(classes)}
     train = folder.FolderLoader(train_samples, train_pipe, batch_size=cfg.batch_size, shuffle=True,
-                                drop_last=drop_last or cfg.drop_last, rank=rank, world_size=world_size, **common)
-    test = folder.FolderLoader(test_samples, test_pipe, batch_size=cfg.test_batch_size, shuffle=False, **common)
+                                drop_last=drop_last or cfg.drop_last, rank=rank, world_size=world_size,
+                                device_augment=device_augment(backend, train_pipe, device, cfg.batch_size, cfg),
+                                **common)
+    test = folder.FolderLoader(test_samples, test_pipe, batch_size=cfg.test_batch_size, shuffle=False,
+                               device_augment=device_augment(backend, test_pipe, device, cfg.test_batch_size, cfg),
+                               **common)
     return DataBundle(train, test, info, (3, size, size), len(classes), mean=mean, std=std)

@@ -1,11 +1,13 @@
 """File-based datasets (ImageNet, Tiny-ImageNet, the user's own ImageFolder) through worker processes.
 
-Two ways to decode (``data.loader``, docs/config.md, ImageNet loading), one sample plan:
+Three ways to decode (``data.loader``, docs/config.md, ImageNet loading), one sample plan:
 
 - ``torch``: workers decode with PIL and augment per sample (torchvision's transforms), the reference;
 - ``device``: workers only read the files (and a JPEG's header, for its size); the batch is decoded on the run's
   device in one call (``torchvision.io.decode_jpeg`` on a list: nvJPEG on CUDA) and cropped, resized, flipped and
-  normalised there.
+  normalised there (:class:`TorchDeviceAugment`);
+- ``dali``: the same worker output, decoded and augmented by an NVIDIA DALI pipeline
+  (:mod:`kdzoo.data.dali_augment`).
 
 Both draw each sample's RandomResizedCrop + flip as explicit parameters from a generator seeded by (seed, epoch,
 index) (:mod:`kdzoo.data.resized_crop`), so the same sample gets the same crop on either backend, whichever worker
@@ -19,7 +21,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -144,6 +146,9 @@ class FolderDataset(Dataset):
     def _read_device(self, path: Path, i: int) -> tuple[Tensor, tuple[int, ...]]:
         """JPEG: the file's bytes (decoded on the device later); other files and CMYK JPEGs: RGB uint8 pixels."""
         data = path.read_bytes()
+        if data[:3] == JPEG_MAGIC and not jpeg_is_complete(data):
+            # PIL reports this when decoding, but nvJPEG and DALI fill the missing rows with grey.
+            raise ValueError("the JPEG data ends before its end-of-image marker (truncated file)")
         with Image.open(path) as img:  # reads the header only
             size, mode = img.size, img.mode
             if data[:3] != JPEG_MAGIC or mode not in DEVICE_DECODABLE_MODES:
@@ -152,6 +157,13 @@ class FolderDataset(Dataset):
                 payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         params = self.crop_params(i, *size) if self.pipeline.crop is not None else NO_CROP
         return payload, params
+
+
+def jpeg_is_complete(data: bytes) -> bool:
+    """Whether a JPEG's last start-of-scan marker (FFDA) is followed by an end-of-image marker (FFD9). Inside
+    entropy-coded data an FF byte is always followed by 00 or a restart marker (ITU-T T.81, B.1.1.5), so neither
+    marker can appear there; an embedded EXIF thumbnail's markers come before the main image's scans."""
+    return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") >= 0
 
 
 def collate_folder(items: list[tuple]) -> tuple[Any, ...]:
@@ -180,23 +192,74 @@ def decode_on(device: torch.device, payloads: Sequence[Tensor]) -> list[Tensor]:
     return out  # type: ignore[return-value]
 
 
+class DeviceAugment(Protocol):
+    """Decodes and augments a batch of worker payloads (JPEG bytes, or RGB pixels for other files) on the run's
+    device: ``(payloads, crop parameters, error messages, file names) -> (normalised images of the samples
+    without an error, in order; error messages with the undecodable ones added)``."""
+
+    def __call__(self, payloads: list[Tensor], crops: Tensor, errors: list[str],
+                 names: list[str]) -> tuple[Tensor, list[str]]: ...
+
+
+class TorchDeviceAugment:
+    """``data.loader=device``: torchvision's batched ``decode_jpeg`` on ``device``, then the explicit crops (or the
+    evaluation resize + centre crop) as tensor ops and the normalisation."""
+
+    def __init__(self, pipeline: FolderPipeline, device: torch.device):
+        self.pipeline, self.device = pipeline, torch.device(device)
+        self.mean = torch.tensor(pipeline.mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(pipeline.std, device=self.device).view(1, -1, 1, 1)
+
+    def __call__(self, payloads: list[Tensor], crops: Tensor, errors: list[str],
+                 names: list[str]) -> tuple[Tensor, list[str]]:
+        images, errors = self.decode(payloads, errors, names)
+        keep = [i for i, e in enumerate(errors) if not e]
+        if not keep:
+            return torch.empty((0, 3, self.pipeline.size, self.pipeline.size), device=self.device), errors
+        return self.augment([images[i] for i in keep], crops[keep]), errors
+
+    def decode(self, payloads: list[Tensor], errors: list[str], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        """One decoder call for the batch; when it fails, image by image, so only the bad files are reported."""
+        readable = [i for i, e in enumerate(errors) if not e]
+        images: list[Tensor] = list(payloads)
+        errors = list(errors)
+        try:
+            for i, img in zip(readable, decode_on(self.device, [payloads[i] for i in readable])):
+                images[i] = img
+        except RuntimeError:
+            for i in readable:
+                try:
+                    images[i] = decode_on(self.device, [payloads[i]])[0]
+                except RuntimeError as exc:
+                    errors[i] = f"cannot decode image {names[i]}: {exc}"
+        return images, errors
+
+    def augment(self, images: list[Tensor], crops: Tensor) -> Tensor:
+        pipeline = self.pipeline
+        if pipeline.crop is not None:
+            pixels = crop_tensors(images, crops, pipeline.crop)
+        else:
+            pixels = resize_centre_crop_tensors(images, int(pipeline.resize or pipeline.size), pipeline.size,
+                                                pipeline.interpolation)
+        return (pixels.float().div_(255) - self.mean) / self.std
+
+
 class FolderLoader:
-    """Same interface as :class:`TensorBatchLoader`: ``len()`` and ``iterate(epoch, start_step)``."""
+    """Same interface as :class:`TensorBatchLoader`: ``len()`` and ``iterate(epoch, start_step)``. With a
+    ``device_augment`` the workers hand over file bytes and that strategy decodes and augments each batch."""
 
     def __init__(self, samples: list[tuple[Path, int]], pipeline: FolderPipeline, *, batch_size: int,
                  num_workers: int, device: torch.device, shuffle: bool, seed: int, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1, decode_on_device: bool = False, corrupt: str = "stop",
-                 num_classes: int | None = None):
-        self.dataset = FolderDataset(samples, pipeline, seed, decode_on_device=decode_on_device)
+                 rank: int = 0, world_size: int = 1, device_augment: DeviceAugment | None = None,
+                 corrupt: str = "stop", num_classes: int | None = None):
+        self.dataset = FolderDataset(samples, pipeline, seed, decode_on_device=device_augment is not None)
         self.pipeline = pipeline
         self.batch_size, self.num_workers, self.device = batch_size, num_workers, torch.device(device)
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
-        self.decode_on_device, self.corrupt = decode_on_device, corrupt
+        self.device_augment, self.corrupt = device_augment, corrupt
         self.num_classes = num_classes
         self.skipped = 0
-        self.mean = torch.tensor(pipeline.mean, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(pipeline.std, device=self.device).view(1, -1, 1, 1)
 
     @property
     def samples(self) -> list[tuple[Path, int]]:
@@ -207,7 +270,7 @@ class FolderLoader:
         checking a crop-level cache)."""
         ordered = FolderLoader(self.samples, self.pipeline, batch_size=batch_size or self.batch_size,
                                num_workers=self.num_workers, device=self.device, shuffle=False, seed=self.seed,
-                               decode_on_device=self.decode_on_device, corrupt=self.corrupt,
+                               device_augment=self.device_augment, corrupt=self.corrupt,
                                num_classes=self.num_classes)
         ordered.dataset.replay = self.dataset.replay
         return ordered
@@ -245,56 +308,32 @@ class FolderLoader:
     def to_batch(self, pixels: list[Tensor], labels: Tensor, index: Tensor, crops: Tensor, errors: list[str],
                  targets: tuple[Tensor, Tensor, Tensor] | None) -> Batch | None:
         """The collated worker output -> a device Batch: undecodable images stop the run or are dropped
-        (``data.corrupt``), the device backend decodes and augments here, cached targets become logits."""
-        if self.decode_on_device:
-            pixels, errors = self._decode(pixels, errors, index)
+        (``data.corrupt``), the device backends decode and augment here, cached targets become logits."""
+        device = self.device
+        image: Tensor | None = None
+        if self.device_augment is not None:
+            names = [str(self.dataset.samples[i][0]) for i in index.tolist()]
+            image, errors = self.device_augment(pixels, crops, errors, names)
         bad = [i for i, e in enumerate(errors) if e]
         if bad and self.corrupt == "stop":
             raise UserInputError(f"{errors[bad[0]]} (data.corrupt=skip drops such images with a warning)")
+        keep = [i for i in range(len(errors)) if not errors[i]]
         if bad:
             for i in bad:
                 warnings.warn(f"skipped: {errors[i]}", stacklevel=2)
             self.skipped += len(bad)
-            keep = [i for i in range(len(errors)) if not errors[i]]
             if not keep:
                 return None
-            pixels = [pixels[i] for i in keep]
             labels, index, crops = labels[keep], index[keep], crops[keep]
             targets = None if targets is None else tuple(t[keep] for t in targets)  # type: ignore[assignment]
-        device = self.device
-        image = self._augment_on_device(pixels, crops) if self.decode_on_device else \
-            torch.stack(pixels).to(device, non_blocking=True)
+        if image is None:
+            image = torch.stack([pixels[i] for i in keep]).to(device, non_blocking=True)
         teacher_logits = None
         if targets is not None:
             values, classes, tail = (t.to(device, non_blocking=True) for t in targets)
             teacher_logits = reconstruct_logits(values, classes, tail, int(self.num_classes or 0))
         return Batch(image, labels.to(device, non_blocking=True), index.to(device, non_blocking=True),
                      crop=crops.to(device, non_blocking=True), teacher_logits=teacher_logits)
-
-    def _decode(self, payloads: list[Tensor], errors: list[str], index: Tensor) -> tuple[list[Tensor], list[str]]:
-        """One decoder call for the batch; when it fails, image by image, so only the bad files are reported."""
-        readable = [i for i, e in enumerate(errors) if not e]
-        images: list[Tensor] = list(payloads)
-        errors = list(errors)
-        try:
-            for i, img in zip(readable, decode_on(self.device, [payloads[i] for i in readable])):
-                images[i] = img
-        except RuntimeError:
-            for i in readable:
-                try:
-                    images[i] = decode_on(self.device, [payloads[i]])[0]
-                except RuntimeError as exc:
-                    errors[i] = f"cannot decode image {self.dataset.samples[int(index[i])][0]}: {exc}"
-        return images, errors
-
-    def _augment_on_device(self, images: list[Tensor], crops: Tensor) -> Tensor:
-        pipeline = self.pipeline
-        if pipeline.crop is not None:
-            pixels = crop_tensors(images, crops, pipeline.crop)
-        else:
-            pixels = resize_centre_crop_tensors(images, int(pipeline.resize or pipeline.size), pipeline.size,
-                                                pipeline.interpolation)
-        return (pixels.float().div_(255) - self.mean) / self.std
 
     def __iter__(self) -> Iterator[Batch]:
         return self.iterate(epoch=1)

@@ -104,12 +104,17 @@ def resize_centre_crop_tensors(images: Sequence[Tensor], resize: int, size: int,
     central ``size`` x ``size`` crop (CenterCrop's offsets) -> uint8 [B, 3, size, size]."""
     out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=images[0].device)
     for i, img in enumerate(images):
-        h, w = img.shape[-2:]
-        short, long = (h, w) if h <= w else (w, h)
-        new_short, new_long = resize, int(resize * long / short)
-        new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
+        new_h, new_w, top, left = resize_centre_crop_geometry(*img.shape[-2:], resize, size)
         resized = F.interpolate(img.unsqueeze(0).float(), size=(new_h, new_w), mode=interpolation, antialias=True,
                                 align_corners=False).round_().clamp_(0, 255)[0]
-        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
         out[i] = resized[:, top : top + size, left : left + size]
     return out
+
+
+def resize_centre_crop_geometry(height: int, width: int, resize: int, size: int) -> tuple[int, int, int, int]:
+    """torchvision's ``Resize(resize)`` (shorter side to ``resize``, the longer one truncated) then
+    ``CenterCrop(size)`` on a ``height`` x ``width`` image: (resized height, resized width, crop top, crop left)."""
+    short, long = (height, width) if height <= width else (width, height)
+    new_short, new_long = resize, int(resize * long / short)
+    new_h, new_w = (new_short, new_long) if height <= width else (new_long, new_short)
+    return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))

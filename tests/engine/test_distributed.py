@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kdzoo
+from kdzoo.data import dali_augment
 from kdzoo.data.sample_photos import build_photo_folder
 from tests.conftest import REPO_ROOT
 
@@ -51,9 +52,12 @@ def test_torchrun_two_processes_gloo(tmp_path, optim, method):
 
 
 @pytest.mark.slow
-def test_torchrun_class_folder_with_crop_cache_and_a_corrupt_file(tmp_path):
-    """Real JPEGs decoded by the `device` backend, the crop-level teacher cache replayed on both ranks, and one
-    truncated file skipped (data.corrupt=skip): each rank counts what it skipped and the epoch record sums them."""
+@pytest.mark.parametrize("loader", ["device", pytest.param("dali", marks=pytest.mark.skipif(
+    not dali_augment.dali_available(), reason="NVIDIA DALI is not installed"))])
+def test_torchrun_class_folder_with_crop_cache_and_a_corrupt_file(tmp_path, loader):
+    """Real JPEGs decoded by the `device` or `dali` backend (one pipeline per rank), the crop-level teacher cache
+    replayed on both ranks, and one truncated file skipped (data.corrupt=skip): each rank counts what it skipped
+    and the epoch record sums them."""
     root = build_photo_folder(tmp_path / "photos", train_per_class=4, val_per_class=1, classes=4)
     victim = sorted((root / "train" / "coffee").glob("*.JPEG"))[0]
     victim.write_bytes(victim.read_bytes()[:1500])
@@ -64,7 +68,7 @@ def test_torchrun_class_folder_with_crop_cache_and_a_corrupt_file(tmp_path):
     config.write_text(
         "experiment: {name: ddp, seed: 3}\n"
         f"data: {{dataset: imagefolder, root: {root}, image_size: 32, batch_size: 4, num_workers: 0, "
-        "loader: device, corrupt: skip}\n"
+        f"loader: {loader}, corrupt: skip}}\n"
         f"teacher: {{name: tv_resnet18, checkpoint: {teacher}, cache: {tmp_path / 'cache'}, cache_topk: 2}}\n"
         "student: {name: tv_resnet18}\nmethod: {name: kd}\nschedule: {epochs: 2, milestones: [1]}\n"
         "runtime: {device: cpu, progress: false, tensorboard: false, threads: 1}\n"
