@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from kdzoo.config.loader import config_from_dict
 from kdzoo.engine.run import run_training
@@ -100,8 +101,6 @@ def _peak_mb(device: torch.device) -> float:
 def count_flops(step: Callable[[], None]) -> float | None:
     """FLOPs of one call of ``step`` (matmul/conv family, forward and backward); None where the counter
     cannot follow the step (double backward through hooks, as Jacobian matching does)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     try:
         with FlopCounterMode(display=False) as counter:
             step()

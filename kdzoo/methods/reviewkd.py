@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from kdzoo.errors import UserInputError
 from kdzoo.methods.base import Distiller
@@ -61,6 +62,12 @@ class ABF(nn.Module):
         nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
 
     def forward(self, x: Tensor, residual: Tensor | None, out_size: Sequence[int]) -> tuple[Tensor, Tensor]:
+        if x.device.type == "cpu":
+            # The chain runs in NHWC on CPU (a no-op under runtime.channels_last): there oneDNN's convolutions,
+            # BatchNorm and the fusion's broadcasts over C all stream contiguous channel rows (and a materialised
+            # nearest upscale is ~10x faster). Measured on the resnet32x4 -> resnet8x4 bench levels (batch 64, 2
+            # threads), the NCHW chain's forward + backward took ~1.3x as long. Same values up to fp32 rounding.
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.conv1(x)
         if self.att_conv is not None:
             assert residual is not None
@@ -72,33 +79,106 @@ class ABF(nn.Module):
     def fuse(self, x: Tensor, residual: Tensor) -> Tensor:
         """mdistiller's attention fusion, ``r = interpolate(residual, x's size, "nearest")``,
         ``w = sigmoid(att_conv(cat([x, r])))``, ``x * w[:, 0:1] + r * w[:, 1:2]``, computed without materialising
-        ``r`` or the concatenation (same values up to fp32 summation order; on CPU it had cost more than the convs):
-
-        - a nearest upscale by an integer factor f repeats every residual pixel f x f times, so the residual is
-          broadcast over a [B, C, h, f, w, f] view of ``x`` instead of being copied to full size (on CPU the
-          ``upsample_nearest2d`` kernel alone took as long as the 3x3 conv after it);
-        - the 1x1 conv over the concatenation is the sum of 1x1 convs over its two halves, and the residual's half
-          commutes with the upscale, so it runs at the residual's (small) size;
-        - a 1x1 conv with only 2 output channels runs as a batched matmul, several times faster than the
-          convolution kernels, forward and backward.
-        """
-        batch, channels, height, width = x.shape
+        ``r`` or the concatenation (same values up to fp32 summation order; see :class:`_AttentionFusion`)."""
+        height, width = x.shape[-2:]
         r_height, r_width = residual.shape[-2:]
         if not (_exact_nearest_factor(r_height, height) and _exact_nearest_factor(r_width, width)):
             residual = F.interpolate(residual, size=(height, width), mode="nearest")  # mdistiller's op, materialised
-            r_height, r_width = height, width
-        fine = (batch, -1, r_height, height // r_height, r_width, width // r_width)  # x's pixels, grouped by r's
-        coarse = (batch, -1, r_height, 1, r_width, 1)
         conv = self.att_conv[0]
-        weight = conv.weight.view(2, 2 * channels)
+        # In x's dtype, as the conv would run: under autocast x is half precision and the weights are cast to it.
+        weight, bias = conv.weight.view(2, -1).to(x.dtype), conv.bias.to(x.dtype)
+        return _AttentionFusion.apply(x, residual.to(x.dtype), weight, bias)
+
+
+class _AttentionFusion(torch.autograd.Function):
+    """``fused = x * w0 + up(r) * w1``, ``[w0, w1] = sigmoid(W_x x + W_r up(r) + b)`` (mdistiller ``ABF.forward``,
+    the 1x1 ``att_conv`` over ``cat([x, up(r)])`` split into its two halves), ``up`` a nearest upscale by an
+    integer factor f (``_exact_nearest_factor``; f = 1 when the caller materialised it), with a hand-written
+    backward. On CPU the fusion's elementwise work, not its 2-channel conv, had cost as much as the 3x3 conv
+    after it, mostly in fresh full-size temporaries and in reductions over [B, C, h, f, w, f] views:
+
+    - a nearest upscale repeats every residual pixel f x f times, so the residual is broadcast over a
+      [B, C, h, f, w, f] view of ``x`` instead of being copied to full size; ``W_r`` commutes with the
+      upscale, so its half of the conv runs at the residual's (small) size;
+    - the 2-output-channel 1x1 conv runs as a batched matmul, several times faster than the conv kernels;
+    - autograd of that formulation allocates one full-size tensor per broadcast product and sums the residual's
+      gradient over the f x f blocks through a 6-d reduction; here one scratch buffer is reused for the three
+      products (dx's own memory), the block sums are ``avg_pool2d(divisor_override=1)``, and the logits'
+      contribution to dx is added in place (``baddbmm_`` / ``addmm_``) instead of through an extra full-size sum.
+
+    The forward is the plain formulation's, op for op (bit-identical); the backward is its exact derivative, in
+    another summation order. Not twice differentiable (no method differentiates ReviewKD's loss twice)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor) -> Tensor:  # type: ignore[override]
+        batch, channels, height, width = x.shape
+        fine, coarse = _fusion_views(x, residual)
         logits_x = torch.bmm(weight[:, :channels].expand(batch, 2, channels), x.flatten(2))
         logits_r = torch.bmm(weight[:, channels:].expand(batch, 2, channels), residual.flatten(2))
-        # The bias in the matmuls' dtype, as inside the conv: under autocast the weights stay in half precision.
-        logits = logits_x.view(fine) + logits_r.view(coarse) + conv.bias.to(logits_x.dtype).view(1, 2, 1, 1, 1, 1)
-        weights = torch.sigmoid(logits)  # per-pixel weights of the two inputs
-        # reshape, not view: under channels_last these keep that layout (the reshapes are still free).
-        fused = torch.addcmul(x.reshape(fine) * weights[:, 0:1], residual.reshape(coarse), weights[:, 1:2])
+        weights = torch.sigmoid(logits_x.view(fine) + logits_r.view(coarse) + bias.view(1, 2, 1, 1, 1, 1))
+        fused = torch.mul(x.view(fine), weights[:, 0:1])  # x's layout: under channels_last the views stay free
+        fused.addcmul_(residual.view(coarse), weights[:, 1:2])
+        ctx.save_for_backward(x, residual, weight, weights)
         return fused.reshape(batch, channels, height, width)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # type: ignore[override]
+        x, residual, weight, weights = ctx.saved_tensors
+        batch, channels, height, width = x.shape
+        r_height, r_width = residual.shape[-2:]
+        fine, coarse = _fusion_views(x, residual)
+        grad = grad.to(x.dtype).view(fine)
+        w0, w1 = weights[:, 0:1], weights[:, 1:2]
+        # dx's memory is the scratch for the three products below, then receives dx itself: no other full-size
+        # allocation (on CPU each fresh one is paid again in page faults).
+        grad_x = torch.empty_like(x, memory_format=_dense_format(x))
+        scratch = grad_x.view(fine)
+        grad_w0 = torch.mul(grad, x.view(fine), out=scratch).sum(1, keepdim=True)
+        grad_w1 = torch.mul(grad, residual.view(coarse), out=scratch).sum(1, keepdim=True)
+        grad_logits = torch.cat([grad_w0, grad_w1], 1).mul_(weights * (1 - weights))  # sigmoid' [B, 2, h, f, w, f]
+        grad_lx = grad_logits.view(batch, 2, height * width)
+        grad_lr = grad_logits.sum((3, 5)).view(batch, 2, r_height * r_width)
+        # d/dr of up(r) * w1: the f x f block sums of grad * w1.
+        block = torch.mul(grad, w1, out=scratch).view(batch, channels, height, width)
+        factor = (height // r_height, width // r_width)
+        # (f = 1: a copy, as the scratch is overwritten by dx next)
+        grad_r = F.avg_pool2d(block, factor, divisor_override=1) if factor != (1, 1) else block.clone()
+        grad_r = _add_rank2(_dense(grad_r), grad_lr, weight[:, channels:])
+        torch.mul(grad, w0, out=scratch)
+        grad_x = _add_rank2(grad_x, grad_lx, weight[:, :channels])
+        grad_weight = torch.cat([torch.bmm(grad_lx, x.flatten(2).mT).sum(0),
+                                 torch.bmm(grad_lr, residual.flatten(2).mT).sum(0)], 1)
+        return grad_x, grad_r, grad_weight, grad_logits.sum((0, 2, 3, 4, 5))
+
+
+def _fusion_views(x: Tensor, residual: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes viewing x's pixels grouped by the residual's ([B, C, h, f, w, f]) and the residual broadcast over
+    the groups ([B, C, h, 1, w, 1]); splitting dimensions is a view whatever the layout."""
+    batch, _, height, width = x.shape
+    r_height, r_width = residual.shape[-2:]
+    return (batch, -1, r_height, height // r_height, r_width, width // r_width), (batch, -1, r_height, 1, r_width, 1)
+
+
+def _dense_format(x: Tensor) -> torch.memory_format:
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _dense(x: Tensor) -> Tensor:
+    return x.contiguous(memory_format=_dense_format(x))
+
+
+def _add_rank2(out: Tensor, coeff: Tensor, weight: Tensor) -> Tensor:
+    """``out[b, c, p] += sum_k weight[k, c] coeff[b, k, p]`` in place, for ``out`` [B, C, H, W] dense in NCHW or
+    NHWC (``_dense``), ``coeff`` [B, 2, H*W], ``weight`` [2, C]: one gemm over the layout's own matrix view
+    (a batched matmul into a transposed NHWC view ran tens of times slower)."""
+    batch, channels = out.shape[:2]
+    if out.is_contiguous():
+        out.view(batch, channels, -1).baddbmm_(weight.mT.expand(batch, channels, 2), coeff)
+    else:
+        out.permute(0, 2, 3, 1).view(-1, channels).addmm_(coeff.mT.reshape(-1, 2), weight)
+    return out
 
 
 def _exact_nearest_factor(size_in: int, size_out: int) -> bool:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kdzoo
-from kdzoo.methods.reviewkd import hcl_terms
+from kdzoo.methods.reviewkd import ABF, hcl_terms
 from kdzoo.types import Batch, Progress
 from tests.methods.golden_step import (
     assert_extra_grads,
@@ -103,3 +103,57 @@ def test_heterogeneous_pairs(pair):
     assert [abf.conv2[0].out_channels for abf in distiller.abfs][::-1] == [t.shape[1] for t in teacher_levels]
     if pair[1] == "ShuffleV2":  # mid width min(512, 1024): MD's hard-coded cap
         assert distiller.abfs[0].conv1[0].out_channels == 512
+
+
+def _mdistiller_fusion(abf, x, residual):
+    """mdistiller ``ABF.forward``'s fusion as written there: upscale, concatenate, 1x1 conv, sigmoid, blend."""
+    residual = torch.nn.functional.interpolate(residual, size=x.shape[-2:], mode="nearest")
+    weights = abf.att_conv(torch.cat([x, residual], dim=1))
+    return x * weights[:, 0].view(x.shape[0], 1, *x.shape[-2:]) + residual * weights[:, 1].view(
+        x.shape[0], 1, *x.shape[-2:])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("sizes", [(8, 8, 4, 4), (8, 8, 1, 1), (8, 12, 2, 3), (6, 10, 3, 5), (9, 9, 3, 3),
+                                   (4, 4, 4, 4)])
+def test_attention_fusion_equals_mdistiller_formula(sizes, channels_last):
+    """The broadcast fusion and its hand-written backward against the materialised formula, in float64: factor 2,
+    a 1x1 residual (factor 8), factor 4 on a non-square map, factor 2 on odd sizes, factor 3 (not exact:
+    materialised first), factor 1; NCHW and NHWC inputs."""
+    torch.manual_seed(0)
+    height, width, r_height, r_width = sizes
+    abf = ABF(3, 5, 4, fuse=True).double()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 5, height, width, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_(True)
+    residual = torch.randn(2, 5, r_height, r_width, dtype=torch.float64).contiguous(memory_format=fmt)
+    residual.requires_grad_(True)
+    upstream = torch.randn(x.shape, dtype=torch.float64)
+    inputs = (x, residual, abf.att_conv[0].weight, abf.att_conv[0].bias)
+
+    fused = abf.fuse(x, residual)
+    expected = _mdistiller_fusion(abf, x, residual)
+    assert fused.shape == expected.shape == x.shape
+    torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad((fused * upstream).sum(), inputs)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), inputs)
+    for name, grad, ref in zip(("x", "residual", "weight", "bias"), grads, expected_grads, strict=True):
+        assert grad.shape == ref.shape, name
+        torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_attention_fusion_fp32_matches_formula():
+    """The bench's largest level (factor 2, 32x32) in fp32: same values as the materialised formula to fp32
+    rounding, forward and backward."""
+    torch.manual_seed(0)
+    abf = ABF(8, 16, 8, fuse=True)
+    x = torch.randn(3, 16, 32, 32, requires_grad=True)
+    residual = torch.randn(3, 16, 16, 16, requires_grad=True)
+    upstream = torch.randn(3, 16, 32, 32)
+    inputs = (x, residual, abf.att_conv[0].weight, abf.att_conv[0].bias)
+    fused = abf.fuse(x, residual)
+    expected = _mdistiller_fusion(abf, x, residual)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad((fused * upstream).sum(), inputs)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), inputs)
+    for grad, ref in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-4)
