@@ -32,9 +32,7 @@ def average(tensor: Tensor) -> Tensor:
     """The mean of ``tensor`` over processes (a new tensor; the input is left alone)."""
     if world_size() == 1:
         return tensor
-    total = tensor.clone()
-    dist.all_reduce(total)  # SUM: every backend has it (gloo has no AVG)
-    return total / world_size()
+    return total(tensor) / world_size()  # SUM, then divide: every backend has SUM (gloo has no AVG)
 
 
 @torch.no_grad()

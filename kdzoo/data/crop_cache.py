@@ -73,6 +73,14 @@ def bytes_per_sample(topk: int, num_classes: int) -> int:
     return 5 * 2 + topk * 2 + topk * np.dtype(index_dtype(num_classes)).itemsize + 4
 
 
+def top_and_tail(logits: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """What the cache stores of fp32 logits [B, C]: the ``topk`` largest [B, k] (largest first), their classes
+    [B, k] and the log-sum-exp of the other C - k logits [B] (-inf when k = C)."""
+    logits = logits.float()
+    values, classes = logits.topk(topk, dim=1)
+    return values, classes, torch.logsumexp(logits.scatter(1, classes, float("-inf")), dim=1)
+
+
 class EpochShardWriter:
     """Writes one epoch's shard; ``write`` takes rows by sample index, ``close`` makes the shard visible."""
 
@@ -93,13 +101,11 @@ class EpochShardWriter:
         """Rows ``index``: their crop parameters and the teacher's fp32 logits [B, C] on those crops."""
         if params.max(initial=0) > np.iinfo(np.uint16).max:
             raise UserInputError("an image side exceeds 65,535 pixels: the crop cache stores sides as uint16")
-        logits = logits.float()
-        values, classes = logits.topk(topk, dim=1)
-        rest = logits.scatter(1, classes, float("-inf"))
+        values, classes, tail_lse = top_and_tail(logits, topk)
         self.arrays["params"][index] = params
         self.arrays["top_values"][index] = values.cpu().numpy().astype(np.float16)
         self.arrays["top_indices"][index] = classes.cpu().numpy()
-        self.arrays["tail_lse"][index] = torch.logsumexp(rest, dim=1).cpu().numpy()
+        self.arrays["tail_lse"][index] = tail_lse.cpu().numpy()
         self.written[index] = True
 
     def close(self, skipped: int = 0) -> Path:

@@ -155,7 +155,7 @@ class DaliAugment:
             if on_gpu else None
         pipeline = self.pipeline
         training = pipeline.crop is not None
-        interpolation = _interpolation(pipeline.crop.interpolation if training else pipeline.interpolation)
+        interpolation = _interpolation(pipeline.interpolation)  # the crop's too (imagenet_pipelines)
         size = pipeline.size
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,

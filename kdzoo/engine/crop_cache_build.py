@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdzoo.data.crop_cache import CropCache, CropCacheKey, EpochShardWriter, fp16_spacing, write_meta
+from kdzoo.data.crop_cache import CropCache, CropCacheKey, EpochShardWriter, fp16_spacing, top_and_tail, write_meta
 from kdzoo.data.folder import FolderLoader, collate_folder
 from kdzoo.digest import file_sha256
 from kdzoo.errors import UserInputError
@@ -130,10 +130,8 @@ def verify_crop_cache(cache: CropCache, teacher: nn.Module, loader: FolderLoader
     live = teacher(batch.image).float()
     cached = batch.teacher_logits
     k = cache.key.topk
-    values, classes = live.topk(k, dim=1)
+    values, classes, live_tail = top_and_tail(live, k)
     stored = cached.gather(1, classes)
-    rest = live.scatter(1, classes, float("-inf"))
-    live_tail = torch.logsumexp(rest, dim=1)
     p_live, p_cached = live.softmax(dim=1), cached.softmax(dim=1)
     tail_mass = 1 - p_live.gather(1, classes).sum(dim=1)
     tail_cached = torch.logsumexp(cached.scatter(1, classes, float("-inf")), dim=1) if k < live.shape[1] else None

@@ -46,6 +46,14 @@ def warmup_factor(step: int, schedule: ScheduleConfig) -> float:
     return schedule.warmup_factor * (1.0 - alpha) + alpha
 
 
+def schedule_epochs(schedule: ScheduleConfig, batches_per_epoch: int) -> int:
+    """The epochs a schedule trains: ``epochs``, or with unit=iterations the epochs its steps reach (the last one
+    cut short)."""
+    if schedule.unit == "iterations":
+        return -(-int(schedule.iterations or 0) // max(batches_per_epoch, 1))
+    return schedule.epochs
+
+
 def scheduled_lr(base_lr: float, schedule: ScheduleConfig, *, epoch: int, step: int, total_steps: int) -> float:
     """The lr of ``schedule`` at 1-based ``epoch`` of the stage and 0-based global ``step``: poly per step;
     multistep per epoch (unit=epochs) or per step (unit=iterations, Detectron2's WarmupMultiStepLR:

@@ -24,6 +24,7 @@ from kdzoo.data.datasets import DataBundle, build_data
 from kdzoo.data.tensor_loader import TensorBatchLoader
 from kdzoo.engine.checkpoint_io import load_verified
 from kdzoo.engine.crop_cache_build import crop_cache_key
+from kdzoo.engine.optim import schedule_epochs
 from kdzoo.engine.runtime import resolve_device, seed_everything, set_deterministic
 from kdzoo.engine.teacher_cache import TeacherCache, cache_key
 from kdzoo.errors import UserInputError
@@ -210,10 +211,8 @@ def cache_key_for(cfg: Config, data: DataBundle) -> Any:
 
 
 def run_epochs(cfg: Config, data: DataBundle) -> int:
-    """The epochs a run trains (what a crop-level cache must hold)."""
-    if cfg.schedule.unit == "epochs":
-        return cfg.schedule.epochs
-    return -(-int(cfg.schedule.iterations or 0) // max(len(data.train), 1))
+    """The epochs a run trains (what a crop-level cache must hold), from the configured schedule."""
+    return schedule_epochs(cfg.schedule, len(data.train))
 
 
 def open_teacher_cache(cfg: Config, data: DataBundle, distiller: Distiller,

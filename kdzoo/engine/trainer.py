@@ -29,7 +29,7 @@ from kdzoo.engine.dot import dot_backward_step
 from kdzoo.engine.faults import fault_point
 from kdzoo.engine.logger import MetricsLog
 from kdzoo.engine.metrics import EVALUATORS, PRIMARY_METRIC, EvalContext
-from kdzoo.engine.optim import build_optimizer, scaled_to_batch, scheduled_lr, set_lr
+from kdzoo.engine.optim import build_optimizer, scaled_to_batch, schedule_epochs, scheduled_lr, set_lr
 from kdzoo.engine.runtime import amp_dtype, autocast, rng_state, set_rng_state
 from kdzoo.engine.setup import RunParts
 from kdzoo.engine.stop import StopRequests, TrainingStopped
@@ -161,9 +161,7 @@ class Trainer:
     def stage_epochs(self, stage: Stage) -> int:
         if stage.epochs is not None:
             return stage.epochs
-        if self.schedule.unit == "iterations":
-            return math.ceil(self.schedule.iterations / len(self.parts.data.train))
-        return self.schedule.epochs
+        return schedule_epochs(self.schedule, len(self.parts.data.train))
 
     def steps_in_epoch(self, stage: Stage, epoch: int) -> int:
         """Batches of ``epoch`` (1-based) of ``stage``: a whole pass, but the last epoch of an iteration-counted
