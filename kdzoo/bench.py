@@ -10,6 +10,11 @@ Each step's floating-point operations are also counted (``torch.utils.flop_count
 matrix products, forward and backward), so a method whose extra modules add real compute (ReviewKD's
 fusion convs, SemCKD's per-pair heads) can be told apart from one that wastes time: the FLOP ratio is
 the floor that method cannot go below at the same hardware efficiency.
+
+On a shared or throttling machine the floor measured once at the start drifts away from the rows timed minutes
+later. With ``paired`` every method's steps alternate with floor steps (after both warm up) and the row also gets
+``× paired floor``: its median over the median of the floor steps timed between its own, so both sides of that
+ratio saw the same machine.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class Timing:
     extra_params: int = 0
     peak_mb: float | None = None
     flops: float | None = None
+    paired_floor: float | None = None  # median s/step of the floor steps alternated with this row's (``paired``)
 
 
 def _sync(device: torch.device) -> None:
@@ -77,8 +83,6 @@ def _sync(device: torch.device) -> None:
 
 
 def time_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> list[float]:
-    if device.type == "cuda":  # the peak of this step alone (on CPU only the process high-water mark exists)
-        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         step()
     _sync(device)
@@ -89,6 +93,24 @@ def time_steps(step: Callable[[], None], device: torch.device, warmup: int, step
         _sync(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def time_alternating(step: Callable[[], None], reference: Callable[[], None], device: torch.device, warmup: int,
+                     steps: int) -> tuple[list[float], list[float]]:
+    """``steps`` timings of ``step`` and of ``reference``, taken in turn (which runs first alternates too), after
+    ``warmup`` untimed calls of each: the two medians see the same machine state."""
+    for _ in range(warmup):
+        reference()
+        step()
+    _sync(device)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(2 * steps):
+        is_step = (i % 2 == 0) == (i // 2 % 2 == 0)  # step, reference, reference, step, step, reference, ...
+        start = time.perf_counter()
+        (step if is_step else reference)()
+        _sync(device)
+        times[is_step].append(time.perf_counter() - start)
+    return times[True], times[False]
 
 
 def _peak_mb(device: torch.device) -> float:
@@ -110,8 +132,9 @@ def count_flops(step: Callable[[], None]) -> float | None:
 
 
 def _summary(name: str, times: list[float], device: torch.device, extra: int = 0,
-             flops: float | None = None) -> Timing:
-    return Timing(name, statistics.median(times), min(times), max(times), extra, _peak_mb(device), flops)
+             flops: float | None = None, paired_floor: float | None = None) -> Timing:
+    return Timing(name, statistics.median(times), min(times), max(times), extra, _peak_mb(device), flops,
+                  paired_floor)
 
 
 @dataclass
@@ -142,21 +165,25 @@ def run_bench(
     channels_last: bool = False,
     task: str = CLASSIFICATION,
     image_size: int = 32,
+    paired: bool = False,
 ) -> list[Timing]:
     """The floor rows, then one row per method (and per cached-teacher variant with ``with_cache``).
     ``channels_last``: every network, method module and the batch in that memory format (the
     ``runtime.channels_last`` fast path), floor included, so the ratios stay like for like. ``task``:
     segmentation benches dense models on ``image_size`` crops with per-pixel labels (methods that do not
-    support the task are left out)."""
+    support the task are left out). ``paired``: each method row also timed against floor steps alternated with
+    its own (``Timing.paired_floor``)."""
     inputs = _bench_inputs(teacher_name, batch_size, device_name, num_classes, warmup, steps, channels_last,
                            TaskSpec(task), image_size)
-    results = _floor_timings(inputs, student_name, num_classes)
+    floor_step, student_step = _floor_steps(inputs, student_name, num_classes)
+    results = [_timed("floor (teacher fwd + student step)", floor_step, inputs),
+               _timed("student only", student_step, inputs)]
     candidates = methods or [n for n, cls in list_methods().items() if task in cls.supported_tasks]
     for name in candidates:
         distiller = _build(name, inputs, student_name, num_classes)
         if distiller is None:
             continue
-        results.extend(_method_timings(name, distiller, inputs, with_cache))
+        results.extend(_method_timings(name, distiller, inputs, with_cache, floor_step if paired else None))
         del distiller
         gc.collect()
     return results
@@ -217,12 +244,22 @@ def _teacher_forward(teacher: torch.nn.Module, inputs: BenchInputs) -> None:
         teacher(inputs.images)
 
 
-def _timed(name: str, step: Callable[[], None], inputs: BenchInputs, extra_params: int = 0) -> Timing:
-    times = time_steps(step, inputs.device, inputs.warmup, inputs.steps)
-    return _summary(name, times, inputs.device, extra_params, count_flops(step))
+def _timed(name: str, step: Callable[[], None], inputs: BenchInputs, extra_params: int = 0,
+           floor: Callable[[], None] | None = None) -> Timing:
+    """``step``'s timings; with ``floor``, alternated with floor steps whose median becomes ``paired_floor``."""
+    if inputs.device.type == "cuda":  # the peak of this row alone (on CPU only the process high-water mark exists)
+        torch.cuda.reset_peak_memory_stats(inputs.device)
+    paired_floor = None
+    if floor is None:
+        times = time_steps(step, inputs.device, inputs.warmup, inputs.steps)
+    else:
+        times, floor_times = time_alternating(step, floor, inputs.device, inputs.warmup, inputs.steps)
+        paired_floor = statistics.median(floor_times)
+    return _summary(name, times, inputs.device, extra_params, count_flops(step), paired_floor)
 
 
-def _floor_timings(inputs: BenchInputs, student_name: str, num_classes: int) -> list[Timing]:
+def _floor_steps(inputs: BenchInputs, student_name: str,
+                 num_classes: int) -> tuple[Callable[[], None], Callable[[], None]]:
     """The compute floor (teacher forward + student step) and the student step alone."""
     torch.manual_seed(1)  # every row's student starts from the same weights (a detector's cost depends on them)
     student = create_model(student_name, num_classes=num_classes, **_model_args(inputs.task, _image_size(inputs))).to(
@@ -242,13 +279,13 @@ def _floor_timings(inputs: BenchInputs, student_name: str, num_classes: int) -> 
 
         return step
 
-    return [_timed("floor (teacher fwd + student step)", floor_step(True), inputs),
-            _timed("student only", floor_step(False), inputs)]
+    return floor_step(True), floor_step(False)
 
 
-def _method_timings(name: str, distiller: Distiller, inputs: BenchInputs, with_cache: bool) -> list[Timing]:
+def _method_timings(name: str, distiller: Distiller, inputs: BenchInputs, with_cache: bool,
+                    floor: Callable[[], None] | None) -> list[Timing]:
     """A method's full step in its last stage; with ``with_cache``, also with the teacher logits looked up
-    (the kdzoo teacher cache) instead of computed, to compare with "student only"."""
+    (the kdzoo teacher cache) instead of computed, to compare with "student only". ``floor``: alternate with it."""
     distiller.to(memory_format=inputs.memory_format)
     stage = distiller.training_stages()[-1]
     params = [p for g in distiller.param_groups(stage) for p in g["params"]]
@@ -266,13 +303,13 @@ def _method_timings(name: str, distiller: Distiller, inputs: BenchInputs, with_c
         return step
 
     distiller.train()
-    timings = [_timed(name, method_step(Batch(inputs.images, inputs.target, inputs.index)), inputs, extra)]
+    timings = [_timed(name, method_step(Batch(inputs.images, inputs.target, inputs.index)), inputs, extra, floor)]
     if with_cache and inputs.task.name == CLASSIFICATION and distiller.teacher is not None and \
             not distiller.uses_teacher_features:
         with torch.no_grad():
             cached = inputs.teacher(inputs.images)
         batch = Batch(inputs.images, inputs.target, inputs.index, teacher_logits=cached)
-        timings.append(_timed(f"{name} + teacher cache", method_step(batch), inputs, extra))
+        timings.append(_timed(f"{name} + teacher cache", method_step(batch), inputs, extra, floor))
     return timings
 
 
@@ -299,20 +336,26 @@ def _build(name: str, inputs: BenchInputs, student_name: str, num_classes: int) 
 def format_table(results: list[Timing], header: str) -> str:
     """Markdown table. ``× floor``: time ratio to the first row; ``FLOPs × floor``: the same for counted
     FLOPs (the ratio the step's own compute sets); ``time / FLOPs``: the first over the second, 1.00 when
-    the step runs its extra work as efficiently as the floor runs the networks."""
+    the step runs its extra work as efficiently as the floor runs the networks. Rows timed alternately with the
+    floor (``paired``) add ``× paired floor`` and its ``time / FLOPs``."""
     floor, floor_flops = results[0].median, results[0].flops
-    lines = [header, "", "| step | s/step (median) | min | max | × floor | GFLOP/step | FLOPs × floor | time / FLOPs "
-             "| extra params | peak MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    paired = any(r.paired_floor is not None for r in results)
+    columns = ("step | s/step (median) | min | max | × floor | GFLOP/step | FLOPs × floor | time / FLOPs "
+               "| extra params | peak MB" + (" | × paired floor | paired time / FLOPs" if paired else ""))
+    lines = [header, "", f"| {columns} |", "|---" + "|---:" * (columns.count("|")) + "|"]
     for r in results:
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-"
         ratio = r.median / floor
-        if r.flops is not None and floor_flops:
-            flop_ratio = r.flops / floor_flops
-            flop_cells = f"{r.flops / 1e9:.4g} | {flop_ratio:.3f} | {ratio / flop_ratio:.2f}"
-        else:
-            flop_cells = "- | - | -"
-        lines.append(f"| {r.name} | {r.median:.4f} | {r.low:.4f} | {r.high:.4f} | {ratio:.2f} | {flop_cells} | "
-                     f"{r.extra_params:,} | {peak} |")
+        flop_ratio = r.flops / floor_flops if r.flops is not None and floor_flops else None
+        flop_cells = ([f"{r.flops / 1e9:.4g}", f"{flop_ratio:.3f}", f"{ratio / flop_ratio:.2f}"]
+                      if r.flops is not None and flop_ratio else ["-", "-", "-"])
+        cells = [r.name, f"{r.median:.4f}", f"{r.low:.4f}", f"{r.high:.4f}", f"{ratio:.2f}", *flop_cells,
+                 f"{r.extra_params:,}", peak]
+        if paired:
+            paired_ratio = r.median / r.paired_floor if r.paired_floor else None
+            cells += [f"{paired_ratio:.2f}" if paired_ratio else "-",
+                      f"{paired_ratio / flop_ratio:.2f}" if paired_ratio and flop_ratio else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

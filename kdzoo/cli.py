@@ -156,7 +156,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = run_bench(teacher, student, batch_size, args.device,
                         args.methods.split(",") if args.methods else None, args.warmup, args.steps,
                         num_classes=setting.num_classes, with_cache=args.with_cache, channels_last=args.channels_last,
-                        task=args.task, image_size=image_size)
+                        task=args.task, image_size=image_size, paired=args.paired)
     command = "kdzoo bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "kdzoo bench"
     layout = ", channels_last" if args.channels_last else ""
     header = (f"`{command}` — {args.task}, {teacher} -> {student}, batch {batch_size}, {image_size}x{image_size}, "
@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="networks, method modules and batch in channels_last (runtime.channels_last)")
     bench.add_argument("--with-cache", action="store_true",
                        help="also time logits-only methods with teacher logits from the cache")
+    bench.add_argument("--paired", action="store_true",
+                       help="alternate every method's steps with floor steps and add the ratio to those "
+                            "(steadier on a shared machine; twice the timing)")
     bench.set_defaults(func=cmd_bench)
 
     cache = sub.add_parser("cache", help="build or verify the exact teacher-output cache of a config")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kdzoo
+from kdzoo.bench import time_alternating
 from kdzoo.cli import main
 from tests.conftest import REPO_ROOT
 
@@ -168,6 +169,29 @@ def test_bench_prints_floor_methods_and_epoch(tmp_path, capsys, data_root):
     assert flop_ratio["student only"] == pytest.approx(0.75, abs=0.01)
     epoch = next(name for name in rows if name.startswith("kd: full epoch, 16 images"))
     assert "(4 steps)" in epoch and float(rows[epoch][2]) > 0
+
+
+def test_alternating_timing_interleaves_the_two_steps():
+    calls = []
+    step_times, floor_times = time_alternating(lambda: calls.append("step"), lambda: calls.append("floor"),
+                                               torch.device("cpu"), warmup=1, steps=3)
+    # Warm-up pair, then step/floor alternating with the leader swapped every pair: neither side always runs first.
+    assert calls == ["floor", "step", "step", "floor", "floor", "step", "step", "floor"]
+    assert len(step_times) == len(floor_times) == 3 and min(step_times + floor_times) >= 0
+
+
+def test_bench_paired_adds_the_ratio_to_the_alternated_floor(capsys):
+    code = main(["bench", "--teacher", "resnet8", "--student", "resnet8", "--batch-size", "4", "--steps", "2",
+                 "--warmup", "0", "--methods", "kd,fitnet", "--paired"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| step"))
+    assert header.split("|")[11:13] == [" × paired floor ", " paired time / FLOPs "]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in lines if line.startswith("| ")}
+    assert rows["floor (teacher fwd + student step)"][11].strip() == "-"  # the floor is not paired with itself
+    for name in ("kd", "fitnet"):
+        paired_ratio, flop_ratio = float(rows[name][11]), float(rows[name][7])
+        assert paired_ratio > 0 and float(rows[name][12]) == pytest.approx(paired_ratio / flop_ratio, abs=0.011)
 
 
 def test_bench_channels_last_converts_everything(capsys, monkeypatch):

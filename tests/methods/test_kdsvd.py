@@ -7,7 +7,7 @@ import torch
 
 import kdzoo
 from kdzoo.errors import UserInputError
-from kdzoo.methods.kdsvd import align_to_teacher, kdsvd_pair_losses, top_singular
+from kdzoo.methods.kdsvd import align_to_teacher, kdsvd_pair_losses, split_over_threads, top_singular
 from kdzoo.types import Batch, Progress
 from tests.methods.golden_step import assert_loss, assert_student_grads, build_pair
 
@@ -68,3 +68,37 @@ def test_reference_defaults():
                                        student=kdzoo.create_model("resnet8x4"))
     assert (distiller.cfg.k, distiller.cfg.feat_weight, distiller.cfg.ce_weight, distiller.cfg.kd_weight) == (
         1, 1.0, 1.0, 0.0)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shape", [(7, 96, 16), (6, 16, 40)])  # tall and wide X, an odd batch
+def test_split_over_threads_is_the_one_threaded_call(two_threads, shape):
+    torch.manual_seed(0)
+    x = torch.randn(*shape).relu()  # post-ReLU maps, as the taps give
+
+    def decompose(chunk):
+        _, sigma, vh = torch.linalg.svd(chunk, full_matrices=False)
+        return sigma, vh
+
+    gram = x.mT @ x
+    split, eigen_split = split_over_threads(decompose, x), split_over_threads(torch.linalg.eigh, gram)
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    for got, expected in zip((*split, *eigen_split), (*decompose(x), *torch.linalg.eigh(gram)), strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_split_over_threads_restores_the_thread_count_on_error(two_threads):
+    def fails(chunk):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    with pytest.raises(torch.linalg.LinAlgError, match="converge"):
+        split_over_threads(fails, torch.zeros(4, 3, 3))
+    assert torch.get_num_threads() == 2
